@@ -1,0 +1,93 @@
+"""Quality metrics of a sparse prefill (SPEC §5), computed in query-block chunks.
+
+* :func:`sparsity`: ``1 - computed causal pairs / all causal pairs``, counting the
+  always-computed region as computed, per (batch, head) and overall.
+* :func:`mass_recall`: per query row, the dense softmax mass on the keys it computes.
+* :func:`output_error`: row-wise relative error of ``out`` against dense fp32 attention.
+
+Nothing here builds an ``N x N`` tensor; ``mass_recall`` can also sample query blocks
+(``block_stride``) so that 32k-token inputs are affordable on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import SparseConfig, computed_mask, middle_range, num_groups, unpack_bits
+
+__all__ = ["computed_pairs", "sparsity", "mass_recall", "recall_summary", "output_error"]
+
+
+def computed_pairs(selection: torch.Tensor, n: int, cfg: SparseConfig) -> torch.Tensor:
+    """Number of (query, key) pairs stage 3 computes, per (batch, head): float64 ``(B, Hq)``."""
+    device = selection.device
+    total = torch.zeros(selection.shape[:2], dtype=torch.float64, device=device)
+    keys = torch.arange(n, device=device)
+    for g in range(num_groups(n, cfg)):
+        g0 = cfg.group_start(g)
+        rows = torch.arange(g0, min(n, g0 + cfg.group_rows), device=device, dtype=torch.float64)
+        # Always-computed keys of row i: sink [0, min(S, i+1)) plus local [L, i], minus overlap.
+        sink = torch.clamp(rows + 1, max=cfg.sink_end)
+        local_start = cfg.local_start(g)
+        local = rows + 1 - local_start
+        overlap = torch.clamp(sink - local_start, min=0)
+        always = (sink + local - overlap).sum()
+        m0, m1 = middle_range(g, cfg)
+        in_middle = (keys >= m0) & (keys < m1)
+        stripes = (unpack_bits(selection[:, :, g], n) & in_middle).sum(-1).double() * rows.numel()
+        total += always + stripes
+    return total
+
+
+def sparsity(selection: torch.Tensor, n: int, cfg: SparseConfig) -> dict:
+    """``{"per_head": (B, Hq) tensor, "overall": float}`` of skipped causal pairs."""
+    causal = n * (n + 1) / 2
+    per_head = 1.0 - computed_pairs(selection, n, cfg) / causal
+    return {"per_head": per_head, "overall": float(per_head.mean())}
+
+
+@torch.no_grad()
+def mass_recall(q, k, selection, cfg: SparseConfig, *, sm_scale=None, block_stride=1):
+    """Per-row dense softmax mass on the computed keys, fp32 ``(B, Hq, N)``.
+
+    With ``block_stride > 1`` only every ``block_stride``-th query block is
+    evaluated (others are NaN); :func:`recall_summary` ignores NaN rows.
+    """
+    bsz, hq, n, d = q.shape
+    group_size = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    recall = torch.full((bsz, hq, n), math.nan, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, h // group_size].float()
+            for r0 in range(0, n, cfg.block_size * block_stride):
+                r1 = min(n, r0 + cfg.block_size)
+                rows = torch.arange(r0, r1, device=q.device)
+                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
+                lse = torch.logsumexp(scores.masked_fill(~causal, -math.inf), dim=-1)
+                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
+                kept = torch.logsumexp(scores.masked_fill(~keep, -math.inf), dim=-1)
+                recall[b, h, r0:r1] = torch.exp(kept - lse)
+    return recall
+
+
+def recall_summary(recall: torch.Tensor) -> dict:
+    """Mean and 1st percentile of the per-row recall (NaN rows, i.e. unsampled, ignored)."""
+    flat = recall.flatten()
+    flat = flat[~torch.isnan(flat)].double()
+    return {"mean": float(flat.mean()), "p01": float(torch.quantile(flat.cpu(), 0.01)),
+            "min": float(flat.min())}
+
+
+@torch.no_grad()
+def output_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Row-wise relative error ``|out_i - ref_i| / |ref_i|`` (L2 over D).
+
+    Returns ``{"max": float, "mean": float, "per_head_max": (B, Hq), "per_head_mean": (B, Hq)}``.
+    """
+    err = (out.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-12)
+    return {"max": float(err.max()), "mean": float(err.mean()),
+            "per_head_max": err.amax(-1), "per_head_mean": err.mean(-1)}

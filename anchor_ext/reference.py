@@ -1,0 +1,266 @@
+"""Pure-PyTorch reference implementations: these define what every op computes.
+
+Everything here is written for clarity, not speed, but it is chunked by query
+block so that no ``N x N`` tensor is ever built: memory is O(block_size * N)
+per (batch, head) at a time, so 32k-token inputs fit on a CPU.
+
+Layout (SPEC §1): ``q`` is ``(B, Hq, N, D)``, ``k``/``v`` are ``(B, Hkv, N, D)``;
+q head ``h`` reads kv head ``h // (Hq // Hkv)``. Scores are natural-log units,
+``x_ij = sm_scale * q_i . k_j``. All arithmetic is fp32 on upcast inputs.
+
+Regions (SPEC §2), for query row ``i`` in query block ``b = i // block_size``
+of group ``g = b // step`` whose first row is ``G0 = g * step * block_size``:
+
+* always computed: sink keys ``[0, init_blocks*block_size)`` and local keys
+  ``[G0 - local_blocks*block_size, i]`` (clipped at 0, causal, counted once);
+* middle region of the group: ``[init_blocks*block_size, G0 - local_blocks*block_size)``,
+  the only keys that can be selected as stripes.
+
+Selection format (the output of ``identify``, the input of ``sparse_attention``):
+an int32 tensor ``(B, Hq, num_groups, ceil(N / 32))``; bit ``j % 32`` of word
+``j // 32`` (two's complement, bit 31 is the sign bit) says key ``j`` is selected
+for every row of the group. Stage 3 reads only the bits inside the group's middle
+region; bits elsewhere are ignored, because those keys are either always computed
+or causally masked, so every key is computed at most once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SparseConfig",
+    "num_groups",
+    "selection_words",
+    "always_mask",
+    "middle_range",
+    "pack_bits",
+    "unpack_bits",
+    "dense_attention",
+    "anchor",
+    "identify",
+    "sparse_attention",
+    "prefill",
+]
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Block geometry shared by all stages (SPEC §2 defaults)."""
+
+    block_size: int = 128
+    step: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 1
+
+    @property
+    def group_rows(self) -> int:
+        return self.step * self.block_size
+
+    def group_of_row(self, row: int) -> int:
+        return row // self.group_rows
+
+    def group_start(self, group: int) -> int:
+        return group * self.group_rows
+
+    @property
+    def sink_end(self) -> int:
+        return self.init_blocks * self.block_size
+
+    def local_start(self, group: int) -> int:
+        """First local key of ``group`` (may be below the sink end, never below 0)."""
+        return max(0, self.group_start(group) - self.local_blocks * self.block_size)
+
+
+def num_groups(n: int, cfg: SparseConfig) -> int:
+    """Number of query groups: ``ceil(ceil(n / block_size) / step)``."""
+    num_q_blocks = -(-n // cfg.block_size)
+    return -(-num_q_blocks // cfg.step)
+
+
+def selection_words(n: int) -> int:
+    """int32 words per group row of the selection bitmask: ``ceil(n / 32)``."""
+    return -(-n // 32)
+
+
+def middle_range(group: int, cfg: SparseConfig) -> tuple[int, int]:
+    """Half-open key range ``[start, end)`` of ``group``'s middle region (may be empty)."""
+    start = cfg.sink_end
+    end = cfg.group_start(group) - cfg.local_blocks * cfg.block_size
+    return start, max(start, end)
+
+
+def always_mask(rows: torch.Tensor, n_keys: int, cfg: SparseConfig) -> torch.Tensor:
+    """Boolean ``(len(rows), n_keys)``: key ``j`` is always computed for row ``i``.
+
+    True when ``j <= i`` and (``j`` is a sink key or ``j >= local_start(group(i))``).
+    """
+    keys = torch.arange(n_keys, device=rows.device)
+    group = rows // cfg.group_rows
+    local_start = (group * cfg.group_rows - cfg.local_blocks * cfg.block_size).clamp_min(0)
+    causal = keys[None, :] <= rows[:, None]
+    in_region = (keys[None, :] < cfg.sink_end) | (keys[None, :] >= local_start[:, None])
+    return causal & in_region
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean ``(..., n)`` tensor into int32 words ``(..., ceil(n/32))``."""
+    n = bits.shape[-1]
+    words = selection_words(n)
+    padded = torch.zeros(*bits.shape[:-1], words * 32, dtype=torch.int64, device=bits.device)
+    padded[..., :n] = bits.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=bits.device),
+                                       torch.arange(32, device=bits.device))
+    packed = (padded.view(*bits.shape[:-1], words, 32) * weights).sum(-1)
+    # Reinterpret the unsigned 32-bit value as two's-complement int32.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 ``(..., W)`` -> boolean ``(..., n)``."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int64)
+    bits = (words.to(torch.int64)[..., None] >> shifts) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+def _scale(sm_scale: float | None, d: int) -> float:
+    return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+
+
+def _kv_head(h: int, hq: int, hkv: int) -> int:
+    return h // (hq // hkv)
+
+
+def _query_blocks(n: int, block_size: int):
+    for start in range(0, n, block_size):
+        yield start, min(n, start + block_size)
+
+
+def dense_attention(q, k, v, *, sm_scale=None, block_size=128):
+    """Causal softmax attention in fp32. Returns ``(out fp32, lse fp32 natural log)``."""
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    scale = _scale(sm_scale, d)
+    out = torch.empty(bsz, hq, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bsz, hq, n, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, _kv_head(h, hq, hkv)].float()
+            vh = v[b, _kv_head(h, hq, hkv)].float()
+            for r0, r1 in _query_blocks(n, block_size):
+                s = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                rows = torch.arange(r0, r1, device=q.device)
+                s = s.masked_fill(torch.arange(r1, device=q.device)[None, :] > rows[:, None], -math.inf)
+                lse[b, h, r0:r1] = torch.logsumexp(s, dim=-1)
+                out[b, h, r0:r1] = torch.softmax(s, dim=-1) @ vh[:r1]
+    return out, lse
+
+
+def anchor(q, k, *, block_size=128, step=16, init_blocks=1, local_blocks=1, sm_scale=None):
+    """Stage 1: ``anchor_i = max_j x_ij`` over row ``i``'s always-computed keys. fp32 ``(B, Hq, N)``."""
+    cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    scale = _scale(sm_scale, d)
+    result = torch.empty(bsz, hq, n, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, _kv_head(h, hq, hkv)].float()
+            for r0, r1 in _query_blocks(n, block_size):
+                rows = torch.arange(r0, r1, device=q.device)
+                s = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                s = s.masked_fill(~always_mask(rows, r1, cfg), -math.inf)
+                result[b, h, r0:r1] = s.amax(dim=-1)
+    return result
+
+
+def identify(q, k, anchor_scores, *, theta=12.0, block_size=128, step=16, init_blocks=1,
+             local_blocks=1, sm_scale=None, return_margin=False):
+    """Stage 2: stripe selection as an int32 bitmask ``(B, Hq, num_groups, ceil(N/32))``.
+
+    For each query block: ``qbar`` = mean of its rows, ``abar`` = mean of their anchors;
+    middle key ``j`` gets the block's vote when ``abar - scale * qbar . k_j < theta``.
+    A group's selection is the union of its blocks' votes.
+
+    With ``return_margin=True`` also returns, per group and key, the smallest
+    ``|abar - score - theta|`` over the group's blocks (``inf`` outside the middle
+    region): tests use it to forgive ties within rounding of the threshold.
+    """
+    cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    scale = _scale(sm_scale, d)
+    groups = num_groups(n, cfg)
+    bits = torch.zeros(bsz, hq, groups, n, dtype=torch.bool, device=q.device)
+    margin = torch.full((bsz, hq, groups, n), math.inf, dtype=torch.float32, device=q.device)
+    for g in range(groups):
+        m0, m1 = middle_range(g, cfg)
+        if m1 <= m0:
+            continue
+        for b in range(bsz):
+            for h in range(hq):
+                kh = k[b, _kv_head(h, hq, hkv), m0:m1].float()
+                for qb in range(g * step, min((g + 1) * step, -(-n // block_size))):
+                    r0, r1 = qb * block_size, min(n, (qb + 1) * block_size)
+                    q_mean = q[b, h, r0:r1].float().mean(0)
+                    a_mean = anchor_scores[b, h, r0:r1].float().mean()
+                    gap = a_mean - (kh @ q_mean) * scale
+                    bits[b, h, g, m0:m1] |= gap < theta
+                    margin[b, h, g, m0:m1] = torch.minimum(margin[b, h, g, m0:m1], (gap - theta).abs())
+    packed = pack_bits(bits)
+    return (packed, margin) if return_margin else packed
+
+
+def computed_mask(rows, n_keys, selection_row, cfg: SparseConfig):
+    """Boolean ``(len(rows), n_keys)`` of the keys stage 3 computes for ``rows`` (all in one group).
+
+    ``selection_row`` is the group's bitmask words ``(W,)``; only bits inside the
+    group's middle region count.
+    """
+    group = int(rows[0]) // cfg.group_rows
+    m0, m1 = middle_range(group, cfg)
+    selected = unpack_bits(selection_row, n_keys)
+    keys = torch.arange(n_keys, device=rows.device)
+    selected = selected & (keys >= m0) & (keys < m1)
+    return always_mask(rows, n_keys, cfg) | selected[None, :]
+
+
+def sparse_attention(q, k, v, selection, *, block_size=128, step=16, init_blocks=1,
+                     local_blocks=1, sm_scale=None):
+    """Stage 3: attention over always-computed keys plus selected stripes.
+
+    Returns ``(out fp32 (B, Hq, N, D), lse fp32 (B, Hq, N))``.
+    """
+    cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    scale = _scale(sm_scale, d)
+    out = torch.empty(bsz, hq, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bsz, hq, n, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, _kv_head(h, hq, hkv)].float()
+            vh = v[b, _kv_head(h, hq, hkv)].float()
+            for r0, r1 in _query_blocks(n, block_size):
+                rows = torch.arange(r0, r1, device=q.device)
+                mask = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
+                s = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                s = s.masked_fill(~mask, -math.inf)
+                lse[b, h, r0:r1] = torch.logsumexp(s, dim=-1)
+                out[b, h, r0:r1] = torch.softmax(s, dim=-1) @ vh[:r1]
+    return out, lse
+
+
+def prefill(q, k, v, *, theta=12.0, block_size=128, step=16, init_blocks=1, local_blocks=1,
+            sm_scale=None):
+    """The whole AnchorAttention prefill: stages 1-3. Returns ``out`` fp32."""
+    geometry = dict(block_size=block_size, step=step, init_blocks=init_blocks,
+                    local_blocks=local_blocks, sm_scale=sm_scale)
+    anchors = anchor(q, k, **geometry)
+    selection = identify(q, k, anchors, theta=theta, **geometry)
+    out, _ = sparse_attention(q, k, v, selection, **geometry)
+    return out

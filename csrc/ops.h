@@ -1,0 +1,52 @@
+// The op layer: argument checks and dispatch of anchor_ext's ops (SPEC §4).
+// Python reaches these through torch.ops.anchor.*; the C++ test/bench
+// executable calls them directly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace anchor {
+
+struct Options {
+  double theta = 12.0;
+  int64_t block_size = 128;
+  int64_t step = 16;
+  int64_t init_blocks = 1;
+  int64_t local_blocks = 1;
+  std::optional<double> sm_scale;  // default 1/sqrt(D)
+};
+
+at::Tensor anchor_op(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t step,
+                     int64_t init_blocks, int64_t local_blocks, std::optional<double> sm_scale);
+
+at::Tensor identify_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
+                       double theta, int64_t block_size, int64_t step, int64_t init_blocks,
+                       int64_t local_blocks, std::optional<double> sm_scale);
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& selection,
+    int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
+    std::optional<double> sm_scale);
+
+at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
+                      int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
+                      std::optional<double> sm_scale);
+
+inline at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const Options& o = {}) {
+  return prefill_op(q, k, v, o.theta, o.block_size, o.step, o.init_blocks, o.local_blocks,
+                    o.sm_scale);
+}
+
+// Whether inputs are scanned for NaN/Inf before running (default on). The scan
+// is skipped on a CUDA stream that is being captured into a graph.
+void set_check_finite(bool enabled);
+bool check_finite_enabled();
+
+// True when this build has the CUDA kernels.
+bool built_with_cuda();
+
+}  // namespace anchor

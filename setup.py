@@ -1,0 +1,131 @@
+"""Build anchor_ext._C.
+
+A CUDAExtension when torch has CUDA and nvcc is found, else a CppExtension (CPU
+only). Environment variables:
+
+* ``ANCHOR_EXT_BUILD=cpu|cuda|auto`` (default auto): force a CPU-only build, or
+  require a CUDA build (then a missing nvcc or CUTLASS is an error, not a fallback).
+* ``TORCH_CUDA_ARCH_LIST`` (default ``9.0a``): ``;``/space separated, e.g.
+  ``"9.0a;8.0"``. The Hopper kernels need ``9.0a`` (wgmma); other archs get the
+  portable kernels only.
+* ``CUTLASS_DIR``: a CUTLASS checkout (its ``include/`` is used); else
+  ``third_party/cutlass``; else the ``nvidia-cutlass`` PyPI package.
+* ``MAX_JOBS``: parallel compile jobs for ninja (default: CPU count).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fail(msg: str) -> None:
+    sys.exit(f"anchor_ext build error: {msg}")
+
+
+def find_cutlass_include() -> str | None:
+    """CUTLASS/CuTe headers: $CUTLASS_DIR, then third_party/cutlass, then nvidia-cutlass."""
+    candidates = []
+    if os.environ.get("CUTLASS_DIR"):
+        candidates.append(os.path.join(os.environ["CUTLASS_DIR"], "include"))
+    candidates.append(os.path.join(ROOT, "third_party", "cutlass", "include"))
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(os.path.join(loc, "source", "include"))
+    for inc in candidates:
+        if os.path.isfile(os.path.join(inc, "cute", "tensor.hpp")):
+            return inc
+    return None
+
+
+def gencode_flags(arch_list: str) -> list[str]:
+    flags = []
+    for arch in arch_list.replace(";", " ").split():
+        arch = arch.replace("+PTX", "")
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+def nvidia_include_dirs() -> list[str]:
+    """CUDA 13 headers shipped as pip packages beside torch (site-packages/nvidia/cu13/include)."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return [p for p in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(p)]
+
+
+def make_extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    mode = os.environ.get("ANCHOR_EXT_BUILD", "auto").lower()
+    if mode not in ("auto", "cpu", "cuda"):
+        _fail(f"ANCHOR_EXT_BUILD must be auto, cpu or cuda, got {mode!r}")
+    nvcc = None
+    if cpp_extension.CUDA_HOME is not None:
+        candidate = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        nvcc = candidate if os.path.exists(candidate) else None
+    has_cuda_torch = torch.version.cuda is not None
+    want_cuda = mode == "cuda" or (mode == "auto" and has_cuda_torch and nvcc is not None)
+    if mode == "cuda" and not has_cuda_torch:
+        _fail("ANCHOR_EXT_BUILD=cuda but this torch has no CUDA (torch.version.cuda is None)")
+    if want_cuda and nvcc is None:
+        _fail("a CUDA build needs nvcc: set CUDA_HOME to the toolkit folder holding bin/nvcc")
+
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not want_cuda:
+        print("anchor_ext: building the CPU-only extension")
+        return cpp_extension.CppExtension(
+            "anchor_ext._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+    cutlass = find_cutlass_include()
+    if cutlass is None:
+        _fail("CUTLASS/CuTe headers not found: set CUTLASS_DIR, clone CUTLASS into "
+              "third_party/cutlass, or `pip install nvidia-cutlass` (see third_party/README.md)")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a")
+    print(f"anchor_ext: building CUDA extension (nvcc {nvcc}, archs {arch_list}, CUTLASS {cutlass})")
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+    include_dirs += [cutlass] + nvidia_include_dirs()
+    nvcc_flags = [
+        "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
+        "-DANCHOR_WITH_CUDA", "-lineinfo", "--resource-usage",
+        "-Xcompiler=-Wno-unused-function",
+    ] + gencode_flags(arch_list)
+    return cpp_extension.CUDAExtension(
+        "anchor_ext._C", sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + ["-DANCHOR_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"])
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    if shutil.which("ninja") is None:
+        print("anchor_ext: ninja not found, the build will be slow (pip install ninja)")
+    setup(
+        name="anchor_ext",
+        version="0.1.0",
+        description="AnchorAttention sparse prefill kernels for long-context LLMs",
+        packages=find_packages(include=["anchor_ext", "anchor_ext.*"]),
+        ext_modules=[make_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.4", "numpy"],
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""CUDA kernels against anchor_ext.reference (skipped without a GPU)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anchor_ext
+from anchor_ext import reference as ref
+from anchor_ext import synthetic
+from conftest import HAS_CUDA, OUT_TOL, assert_selection_equal, make_inputs
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+
+HEADS = [(1, 2, 2, 64), (2, 4, 1, 128), (1, 8, 1, 64), (1, 4, 2, 128)]
+SEQLENS = [1, 127, 128, 129, 1000, 4096, 8191]
+DTYPES = [torch.bfloat16, torch.float16]
+GEOMETRIES = [dict(), dict(step=2), dict(step=3, init_blocks=2, local_blocks=0)]
+
+
+def compare_stages(q, k, v, theta, geometry):
+    n = q.shape[2]
+    anchors = anchor_ext.anchor(q, k, **geometry)
+    torch.testing.assert_close(anchors, ref.anchor(q, k, **geometry), rtol=1e-4, atol=1e-3)
+
+    selection = anchor_ext.identify(q, k, anchors, theta=theta, **geometry)
+    expected, margin = ref.identify(q, k, anchors, theta=theta, return_margin=True, **geometry)
+    assert_selection_equal(selection, expected, margin, n)
+
+    out, lse = anchor_ext.sparse_attention(q, k, v, selection, **geometry)
+    out_ref, lse_ref = ref.sparse_attention(q, k, v, selection, **geometry)
+    tol = OUT_TOL[q.dtype]
+    torch.testing.assert_close(out.float(), out_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(anchor_ext.prefill(q, k, v, theta=theta, **geometry), out)
+
+
+@pytest.mark.parametrize("heads,n,dtype", list(itertools.product(HEADS, SEQLENS, DTYPES)))
+def test_stages_match_reference(heads, n, dtype):
+    batch, hq, hkv, d = heads
+    q, k, v = make_inputs(batch, hq, hkv, n, d, dtype, device="cuda", seed=n,
+                          contiguous=(n % 2 == 0))
+    for geometry in GEOMETRIES:
+        compare_stages(q, k, v, theta=3.0, geometry=geometry)
+
+
+@pytest.mark.parametrize("theta", [0.0, 3.0, 12.0, 1e9])
+def test_realistic_inputs_32k(theta):
+    q, k, v = synthetic.make_qkv(32768, q_heads=2, kv_heads=1, head_dim=128, device="cuda", seed=2)
+    compare_stages(q, k, v, theta, dict())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_theta_huge_equals_dense_sdpa(dtype):
+    q, k, v = make_inputs(1, 8, 2, 5000, 128, dtype, device="cuda", seed=4)
+    out = anchor_ext.prefill(q, k, v, theta=1e9)
+    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                           enable_gqa=True)
+    torch.testing.assert_close(out.float(), dense, rtol=OUT_TOL[dtype], atol=OUT_TOL[dtype])
+
+
+def test_opcheck_cuda():
+    from test_compile import op_cases
+
+    for op, args, kwargs in op_cases("cuda", torch.bfloat16):
+        kwargs = {key: val for key, val in kwargs.items() if key != "block_size"}
+        torch.library.opcheck(op, args, kwargs)
+
+
+def test_prefill_is_graph_capturable():
+    q, k, v = make_inputs(1, 4, 2, 3000, 128, torch.bfloat16, device="cuda", seed=5)
+    expected = anchor_ext.prefill(q, k, v, theta=3.0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        anchor_ext.prefill(q, k, v, theta=3.0)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = anchor_ext.prefill(q, k, v, theta=3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+
+
+def test_cuda_rejects_unsupported():
+    q, k, v = make_inputs(1, 2, 1, 64, 96, torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match=r"head dim D in \{64, 128\} on CUDA, got D=96"):
+        anchor_ext.prefill(q, k, v)
+    q, k, v = make_inputs(1, 2, 1, 64, 64, torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16 on CUDA"):
+        anchor_ext.prefill(q, k, v)
+    q, k, v = make_inputs(1, 2, 1, 64, 64, torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="block_size: the CUDA kernels support 128, got 64"):
+        anchor_ext.prefill(q, k, v, block_size=64)
