@@ -1,12 +1,16 @@
 # The two commands of the README, and their steps.
 #   make demo   build into .venv and run the demo (speed and recall against dense)
 #   make test   build into .venv and run the test suites (pytest + the C++ test)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# nvcc's toolkit folder (torch's own guess is wrong when only the compiler is installed).
+# The CUDA toolkit folder holding bin/nvcc and include/ (torch's own guess is wrong
+# when only the compiler is installed, and nvcc on PATH may be a wrapper script).
 NVCC := $(shell command -v nvcc 2>/dev/null)
-CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(realpath $(NVCC))),)
+CUDA_HOME ?= $(firstword $(foreach d,$(CUDA_PATH) /usr/local/cuda $(patsubst %/bin/nvcc,%,$(realpath $(NVCC))),\
+               $(if $(and $(wildcard $(d)/bin/nvcc),$(wildcard $(d)/include/cuda_runtime.h)),$(d))))
 export CUDA_HOME
 export MAX_JOBS ?= $(shell nproc)
 
@@ -20,8 +24,11 @@ $(VENV)/.installed: requirements-dev.txt
 	touch $@
 
 install: venv
+	mkdir -p build
 	@echo "CUDA_HOME=$(CUDA_HOME)"
-	$(PY) -m pip install -q --no-build-isolation -e . -v 2>&1 | grep -E "anchor_ext|error|Error|\[[0-9]+/[0-9]+\]" || true
+	$(PY) -m pip install --no-build-isolation -e . -v > build/pip-install.log 2>&1 \
+	  || { grep -E -B2 -A8 "error|Error" build/pip-install.log | tail -60; exit 1; }
+	grep -E "^ *anchor_ext: building|\[[0-9]+/[0-9]+\] (c\+\+|.*nvcc)" build/pip-install.log | cut -c1-160 || true
 	$(PY) -c "import anchor_ext; print('anchor_ext built, CUDA kernels:', anchor_ext.built_with_cuda())"
 
 demo: install

@@ -17,7 +17,8 @@ import torch
 
 from .reference import SparseConfig, computed_mask, middle_range, num_groups, unpack_bits
 
-__all__ = ["computed_pairs", "sparsity", "mass_recall", "recall_summary", "output_error"]
+__all__ = ["computed_pairs", "sparsity", "mass_recall", "recall_summary", "output_error",
+           "sampled_quality"]
 
 
 def computed_pairs(selection: torch.Tensor, n: int, cfg: SparseConfig) -> torch.Tensor:
@@ -91,3 +92,36 @@ def output_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
     err = (out.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-12)
     return {"max": float(err.max()), "mean": float(err.mean()),
             "per_head_max": err.amax(-1), "per_head_mean": err.mean(-1)}
+
+
+@torch.no_grad()
+def sampled_quality(q, k, v, out, selection, cfg: SparseConfig, *, sm_scale=None, blocks=16):
+    """Mass recall and output error on ``blocks`` query blocks per (batch, head), spread
+    evenly over the sequence (for long inputs, where dense fp32 attention of every row
+    is too costly). Dense rows are computed in fp32, one query block at a time.
+
+    Returns ``{"recall": recall_summary(...), "error": {"max", "mean"}}``.
+    """
+    bsz, hq, n, d = q.shape
+    group_size = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    num_blocks = -(-n // cfg.block_size)
+    picked = sorted({round(i * (num_blocks - 1) / max(1, blocks - 1)) for i in range(min(blocks, num_blocks))})
+    recalls, errors = [], []
+    for b in range(bsz):
+        for h in range(hq):
+            kh, vh = k[b, h // group_size].float(), v[b, h // group_size].float()
+            for qb in picked:
+                r0, r1 = qb * cfg.block_size, min(n, (qb + 1) * cfg.block_size)
+                rows = torch.arange(r0, r1, device=q.device)
+                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
+                probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
+                recalls.append((probs * keep).sum(-1))
+                dense = probs @ vh[:r1]
+                errors.append((out[b, h, r0:r1].float() - dense).norm(dim=-1) /
+                              dense.norm(dim=-1).clamp_min(1e-12))
+    err = torch.cat(errors)
+    return {"recall": recall_summary(torch.cat(recalls)),
+            "error": {"max": float(err.max()), "mean": float(err.mean())}}

@@ -1,32 +1,123 @@
-// Host side of the CUDA backend (see api.h).
+// Host side of the CUDA backend (see api.h): validated tensors in, plain params
+// structs filled, kernels launched on the current stream. No host syncs, and
+// no allocation beyond each op's outputs (prefill adds the anchor, selection
+// and lse buffers: 4·B·Hq·N + 4·B·Hq·groups·ceil(N/32) + 4·B·Hq·N bytes).
 #include "api.h"
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <limits>
+
+#include "params.h"
+
 namespace anchor::cuda {
+namespace {
+
+void check_launch_limits(const at::Tensor& q, const Geometry& geo) {
+  const int64_t n = q.size(2);
+  TORCH_CHECK_VALUE(n < std::numeric_limits<int32_t>::max() / 2,
+                    "q: the CUDA kernels support N < 2^30 tokens, got N=", n);
+  TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535,
+                    "q: the CUDA kernels support B <= 65535 and Hq <= 65535, got B=", q.size(0),
+                    ", Hq=", q.size(1));
+  TORCH_CHECK_VALUE(geo.num_groups(n) <= 65535, "step: at most 65535 groups on CUDA, got ",
+                    geo.num_groups(n));
+  TORCH_CHECK_VALUE(geo.step <= 256, "step: the CUDA identify kernel supports step <= 256, got ",
+                    geo.step);
+}
+
+QKVParams make_qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                          const Geometry& geo) {
+  check_launch_limits(q, geo);
+  QKVParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  if (v != nullptr) {
+    p.v = v->data_ptr();
+    p.v_batch_stride = v->stride(0), p.v_head_stride = v->stride(1), p.v_row_stride = v->stride(2);
+  }
+  p.batch = int(q.size(0)), p.q_heads = int(q.size(1)), p.kv_heads = int(k.size(1));
+  p.seqlen = int(q.size(2)), p.head_dim = int(q.size(3));
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.geo = geo;
+  return p;
+}
+
+void run_attention(const AttentionParams& p, cudaStream_t stream) {
+  if (p.is_bf16) {
+    p.head_dim == 64 ? run_attention_<true, 64>(p, stream) : run_attention_<true, 128>(p, stream);
+  } else {
+    p.head_dim == 64 ? run_attention_<false, 64>(p, stream) : run_attention_<false, 128>(p, stream);
+  }
+}
+
+}  // namespace
 
 bool stream_is_capturing(const at::Tensor& t) {
   c10::cuda::CUDAGuard guard(t.device());
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-[[noreturn]] static void not_yet(const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "anchor::", op, ": the CUDA kernel is not implemented yet");
+at::Tensor anchor(const at::Tensor& q, const at::Tensor& k, const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor result = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (result.numel() == 0) return result;
+  AttentionParams p;
+  static_cast<QKVParams&>(p) = make_qkv_params(q, k, nullptr, geo);
+  p.anchor = result.data_ptr<float>();
+  p.anchor_only = true;
+  run_attention(p, at::cuda::getCurrentCUDAStream());
+  return result;
 }
 
-at::Tensor anchor(const at::Tensor&, const at::Tensor&, const Geometry&) { not_yet("anchor"); }
-at::Tensor identify(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const Geometry&) {
-  not_yet("identify");
+at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
+                    double theta, const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(q.device());
+  const int64_t n = q.size(2);
+  // Every word is written by the kernel (zeros outside the middle regions).
+  at::Tensor selection = at::empty({q.size(0), q.size(1), geo.num_groups(n), selection_words(n)},
+                                   q.options().dtype(at::kInt));
+  if (selection.numel() == 0) return selection;
+  const at::Tensor anchors = anchor_scores.contiguous();
+  IdentifyParams p;
+  static_cast<QKVParams&>(p) = make_qkv_params(q, k, nullptr, geo);
+  p.anchor = anchors.data_ptr<float>();
+  p.selection = reinterpret_cast<uint32_t*>(selection.data_ptr<int32_t>());
+  p.num_groups = selection.size(2), p.num_words = selection.size(3);
+  p.theta = static_cast<float>(theta);
+  run_identify(p, at::cuda::getCurrentCUDAStream());
+  return selection;
 }
-std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&,
-                                                    const Geometry&) {
-  not_yet("sparse_attention");
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const at::Tensor& selection,
+                                                    const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (B, Hq, N, D)
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const at::Tensor words = selection.contiguous();
+  AttentionParams p;
+  static_cast<QKVParams&>(p) = make_qkv_params(q, k, &v, geo);
+  p.selection = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  p.num_groups = words.size(2), p.num_words = words.size(3);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  run_attention(p, at::cuda::getCurrentCUDAStream());
+  return {out, lse};
 }
-at::Tensor prefill(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const Geometry&) {
-  not_yet("prefill");
+
+at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
+                   const Geometry& geo) {
+  const at::Tensor anchors = anchor(q, k, geo);
+  const at::Tensor selection = identify(q, k, anchors, theta, geo);
+  return std::get<0>(sparse_attention(q, k, v, selection, geo));
 }
 
 }  // namespace anchor::cuda

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device session (the lent H100): build anchor_ext against the device's
+# torch, run the CUDA tests, then benchmark. Usage, from the repo root there:
+#   bash bench/device_run.sh [tests|bench|all] ; results land in $OUT.
+# Wheels missing on the device (nvidia-cutlass, expecttest) travel in .whl/.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mode=${1:-all}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site CUTLASS_DIR=/tmp/site/cutlass_library/source
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+start=$(date +%s)
+MAX_JOBS=16 python3 -m pip install --no-build-isolation -v -e . > "$OUT/build.log" 2>&1 \
+  || { grep -E -A5 "error" "$OUT/build.log" | head -60; exit 1; }
+echo "build (pip install --no-build-isolation -e ., 16 jobs): $(( $(date +%s) - start )) s"
+python3 -c "import anchor_ext, torch; print('built_with_cuda', anchor_ext.built_with_cuda(), torch.__version__)"
+if [[ $mode == tests || $mode == all ]]; then
+  timeout 420 python3 -m pytest -x -q tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | tail -25
+fi
+if [[ $mode == bench || $mode == all ]]; then
+  timeout 400 python3 -m bench.prefill --sizes "${SIZES:-8192,32768,131072}" --thetas "${THETAS:-12}" \
+    --commit "${COMMIT:-unknown}" --out "$OUT/prefill.json" 2>&1 | tee "$OUT/bench.log"
+fi

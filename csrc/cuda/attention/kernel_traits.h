@@ -1,0 +1,55 @@
+// Compile-time shape of the gather-attention kernel (stages 1 and 3): tile
+// sizes, the Hopper warpgroup MMAs and the shared-memory layouts they read.
+#pragma once
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace anchor::cuda::attention {
+
+using namespace cute;
+
+template <bool kIsBf16, int kHeadDim_>
+struct KernelTraits {
+  using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;    // query rows per CTA: one query block
+  static constexpr int kBlockN = 64;     // key slots per gathered tile
+  static constexpr int kStages = 2;      // K/V tiles in flight (cp.async double buffer)
+  static constexpr int kWarpGroups = 2;  // each warpgroup owns 64 query rows
+  static constexpr int kThreads = kWarpGroups * 128;
+  static_assert(kHeadDim == 64 || kHeadDim == 128);
+
+  // S = Q K^T: A = Q (smem, K-major), B = K tile (smem, K-major).
+  using AtomLayoutMNK = Layout<Shape<Int<kWarpGroups>, _1, _1>>;
+  using TiledMmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(),
+      AtomLayoutMNK{}));
+  // O += P V: A = P (registers, reused from the S accumulators), B = V^T (smem,
+  // MN-major: V rows are stored as loaded, head dim contiguous).
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayoutMNK{}));
+
+  // 128-byte swizzled layouts: bank-conflict free for 16-byte row writes and for wgmma.
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutVt>, 1024> v;
+    int key_slots[kStages][kBlockN];  // key position of each slot of a tile; -1 = empty
+    int tile_needs_mask[kStages];     // a slot is empty or a key lies past the first row
+    int tile_valid[kStages];          // the producer had keys left for this tile
+  };
+};
+
+}  // namespace anchor::cuda::attention

@@ -1,0 +1,69 @@
+// Mainloop parts of the gather-attention kernel: row gathers of Q/K/V into
+// swizzled shared memory with cp.async, and the two warpgroup MMAs
+// (S = Q K^T from shared memory; O += P V with P reused from registers).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "../utils.cuh"
+#include "kernel_traits.h"
+
+namespace anchor::cuda::attention {
+
+// Copies rows of a (rows, kHeadDim) global matrix into a shared tile, 16 bytes
+// per cp.async. `row_of(slot)` gives the global row of a tile slot, or -1 for an
+// empty slot (zero-filled). `smem_chunk(slot, col)` gives the shared address of
+// the 8 elements starting at column `col` of that slot.
+template <int kThreads, int kRows, int kHeadDim, class Element, class RowOf, class SmemChunk>
+__device__ __forceinline__ void gather_rows(const Element* base, int64_t row_stride, RowOf row_of,
+                                            SmemChunk smem_chunk) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0);
+  CUTE_UNROLL
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int chunk = i * kThreads + int(threadIdx.x);  // neighbouring threads: neighbouring 16 B of a row
+    const int slot = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
+    const int64_t row = row_of(slot);
+    const Element* src = row >= 0 ? base + row * row_stride + col : base;
+    cp_async_16(smem_chunk(slot, col), src, row >= 0 ? 16 : 0);
+  }
+}
+
+// The accumulator fragment of a 64xN warpgroup MMA, ((2, 2, N/8), 1, 1), seen as
+// the A-operand fragment of a following 64x?xK MMA with K = N:
+// ((2, 2, 2), 1, N/16). Element order matches: A's k-block j is made of the
+// accumulator's 8-column groups 2j and 2j+1.
+template <class AccLayout>
+__device__ __forceinline__ constexpr auto accumulator_as_operand_a(AccLayout acc) {
+  using namespace cute;
+  static_assert(size<1>(AccLayout{}) == 1 && size<2>(AccLayout{}) == 1);
+  auto mode0 = get<0>(acc);                      // (2, 2, V) : (d0, d1, d2)
+  constexpr int kGroups = size<2>(decltype(mode0){});
+  static_assert(kGroups % 2 == 0);
+  auto d2 = get<2>(stride(mode0));
+  return make_layout(make_layout(make_shape(get<0>(shape(mode0)), get<1>(shape(mode0)), _2{}),
+                                 make_stride(get<0>(stride(mode0)), get<1>(stride(mode0)), d2)),
+                     get<1>(acc),
+                     make_layout(Int<kGroups / 2>{}, d2 * _2{}));
+}
+
+// One warpgroup GEMM batch: issue all k-blocks, then wait for completion.
+template <bool kZeroInit, class TiledMma, class FragA, class FragB, class FragC>
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, FragA const& a, FragB const& b,
+                                               FragC& c) {
+  using namespace cute;
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k_block = 0; k_block < size<2>(a); ++k_block) {
+    cute::gemm(tiled_mma, a(_, _, k_block), b(_, _, k_block), c);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+}
+
+}  // namespace anchor::cuda::attention

@@ -1,0 +1,4 @@
+// One (dtype, head dim) instantiation per file keeps each nvcc job small.
+#include "attention/kernel.cuh"
+
+template void anchor::cuda::run_attention_<false, 64>(const AttentionParams&, cudaStream_t);

@@ -1,0 +1,57 @@
+// Plain parameter structs of the CUDA kernels (the FlashAttention flash.h role):
+// filled by csrc/cuda/api.cpp from validated tensors, read by the kernels. No
+// torch types here, so the .cu files compile without torch headers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../geometry.h"
+
+namespace anchor::cuda {
+
+// q (B, Hq, N, D), k and v (B, Hkv, N, D), element strides (unit stride on D).
+struct QKVParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
+  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
+  int batch = 0, q_heads = 0, kv_heads = 0, seqlen = 0, head_dim = 0;
+  bool is_bf16 = true;  // else fp16
+  Geometry geo;
+
+  ANCHOR_HD int q_heads_per_kv() const { return q_heads / kv_heads; }
+};
+
+// Stage 1 (anchor_only) and stage 3 share one kernel: both walk a query block's
+// key list; stage 1 walks only the always-computed keys and keeps row maxima.
+struct AttentionParams : QKVParams {
+  // Selection bitmask (B, Hq, num_groups, num_words), contiguous; read in stage 3.
+  const uint32_t* selection = nullptr;
+  int64_t num_groups = 0, num_words = 0;
+  // Stage 3 outputs: out (B, Hq, N, D) contiguous in the input dtype, lse (B, Hq, N).
+  void* out = nullptr;
+  float* lse = nullptr;
+  // Stage 1 output: anchor (B, Hq, N) fp32 natural-log units.
+  float* anchor = nullptr;
+  bool anchor_only = false;
+};
+
+// Stage 2: per (batch, q head, group), stripe votes written as the bitmask.
+struct IdentifyParams : QKVParams {
+  const float* anchor = nullptr;  // (B, Hq, N) contiguous
+  uint32_t* selection = nullptr;  // (B, Hq, num_groups, num_words) contiguous; every word written
+  int64_t num_groups = 0, num_words = 0;
+  float theta = 12.f;
+};
+
+void run_identify(const IdentifyParams& params, cudaStream_t stream);
+
+// Instantiated once per (dtype, head dim) in attention_{bf16,fp16}_hdim{64,128}.cu.
+template <bool kIsBf16, int kHeadDim>
+void run_attention_(const AttentionParams& params, cudaStream_t stream);
+
+}  // namespace anchor::cuda
