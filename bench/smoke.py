@@ -1,0 +1,29 @@
+"""Quick CUDA-vs-reference check of each stage, printing errors (first thing to run on a GPU)."""
+import torch
+
+import anchor_ext
+from anchor_ext import reference as ref
+from anchor_ext import synthetic
+
+
+def check(n, hq, hkv, d, dtype, theta=3.0, **geometry):
+    torch.manual_seed(n)
+    q, k, v = synthetic.make_qkv(n, q_heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, device="cuda")
+    a = anchor_ext.anchor(q, k, **geometry)
+    a_ref = ref.anchor(q, k, **geometry)
+    s = anchor_ext.identify(q, k, a, theta=theta, **geometry)
+    s_ref, margin = ref.identify(q, k, a, theta=theta, return_margin=True, **geometry)
+    diff = ref.unpack_bits(s, n) != ref.unpack_bits(s_ref, n)
+    o, lse = anchor_ext.sparse_attention(q, k, v, s, **geometry)
+    o_ref, lse_ref = ref.sparse_attention(q, k, v, s, **geometry)
+    print(f"n={n} hq={hq} hkv={hkv} d={d} {dtype} {geometry}: anchor err {(a - a_ref).abs().max():.2e} | "
+          f"selection diff {int(diff.sum())} (away from ties {int((diff & (margin >= 1e-3)).sum())}, "
+          f"selected {int(ref.unpack_bits(s_ref, n).sum())}) | out err {(o.float() - o_ref).abs().max():.2e} "
+          f"lse err {(lse - lse_ref).abs().max():.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    for args in [(300, 2, 1, 128, torch.bfloat16), (5000, 4, 2, 128, torch.bfloat16),
+                 (5000, 4, 1, 64, torch.float16), (4097, 2, 2, 128, torch.float16)]:
+        check(*args, theta=8.0)
+        check(*args, theta=8.0, step=2)
