@@ -81,7 +81,11 @@ def make_extension():
     if want_cuda and nvcc is None:
         _fail("a CUDA build needs nvcc: set CUDA_HOME to the toolkit folder holding bin/nvcc")
 
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # No -std flag: torch's BuildExtension adds the standard its own headers were
+    # built with (C++17 up to torch 2.12, C++20 from 2.13). Forcing another one
+    # changes the layout of c10 types shared with libtorch (seen: a segfault on
+    # the first c10::Error thrown, C++20 objects against torch 2.11).
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda:
@@ -99,7 +103,7 @@ def make_extension():
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
     include_dirs += [cutlass] + nvidia_include_dirs()
     nvcc_flags = [
-        "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
+        "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
         "-DANCHOR_WITH_CUDA", "-lineinfo", "--resource-usage",
         "-Xcompiler=-Wno-unused-function",
     ] + gencode_flags(arch_list)

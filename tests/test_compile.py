@@ -10,14 +10,16 @@ GEOMETRY = dict(block_size=32, step=2, init_blocks=1, local_blocks=1)
 
 
 def op_cases(device="cpu", dtype=torch.float32):
-    q, k, v = make_inputs(1, 4, 2, 200, 64, dtype, device=device, seed=1)
-    anchors = anchor_ext.anchor(q, k, **GEOMETRY)
-    selection = anchor_ext.identify(q, k, anchors, theta=3.0, **GEOMETRY)
+    """(op, args, kwargs) of every op; CUDA keeps block_size 128 and a longer N for the same regions."""
+    geometry, n = (GEOMETRY, 200) if device == "cpu" else (dict(step=2), 800)
+    q, k, v = make_inputs(1, 4, 2, n, 64, dtype, device=device, seed=1)
+    anchors = anchor_ext.anchor(q, k, **geometry)
+    selection = anchor_ext.identify(q, k, anchors, theta=3.0, **geometry)
     return [
-        (torch.ops.anchor.anchor.default, (q, k), GEOMETRY),
-        (torch.ops.anchor.identify.default, (q, k, anchors), dict(theta=3.0, **GEOMETRY)),
-        (torch.ops.anchor.sparse_attention.default, (q, k, v, selection), GEOMETRY),
-        (torch.ops.anchor.prefill.default, (q, k, v), dict(theta=3.0, **GEOMETRY)),
+        (torch.ops.anchor.anchor.default, (q, k), geometry),
+        (torch.ops.anchor.identify.default, (q, k, anchors), dict(theta=3.0, **geometry)),
+        (torch.ops.anchor.sparse_attention.default, (q, k, v, selection), geometry),
+        (torch.ops.anchor.prefill.default, (q, k, v), dict(theta=3.0, **geometry)),
     ]
 
 

@@ -64,7 +64,6 @@ def test_opcheck_cuda():
     from test_compile import op_cases
 
     for op, args, kwargs in op_cases("cuda", torch.bfloat16):
-        kwargs = {key: val for key, val in kwargs.items() if key != "block_size"}
         torch.library.opcheck(op, args, kwargs)
 
 
