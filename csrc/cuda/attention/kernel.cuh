@@ -1,10 +1,14 @@
-// The gather-attention kernel: one CTA per (query block, q head, batch), two
-// consumer warpgroups of 64 query rows each.
+// The gather-attention kernel: one CTA per (query block, q head, batch),
+// warp-specialised (FlashAttention-3's layout of roles, with cp.async row
+// gathers instead of TMA, since the keys are not contiguous):
 //
 //   tile scheduler : CausalTileScheduler (longest key lists first)
-//   key list       : KeyListProducer, run by warp 0 one tile ahead
-//   mainloop       : cp.async row gathers of K/V (double buffer), S = Q K^T and
-//                    O += P V on wgmma, online softmax in registers
+//   producer       : warpgroup 0. Warp 0 builds each tile's key list
+//                    (KeyListProducer); all 4 warps gather the K/V rows of the
+//                    tile with cp.async into a kStages-deep ring of swizzled
+//                    smem stages, signalled through mbarriers (full/empty).
+//   mainloop       : warpgroups 1 and 2, 64 query rows each: S = Q K^T and
+//                    O += P V on wgmma, online softmax in registers.
 //   epilogue       : O / rowsum -> out (input dtype), lse; or the row max (stage 1)
 //
 // kAnchorOnly = true is stage 1: the same walk over the always-computed keys
@@ -13,6 +17,7 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include "../params.h"
 #include "../utils.cuh"
@@ -24,72 +29,98 @@
 
 namespace anchor::cuda::attention {
 
+using Barrier = cutlass::arch::ClusterBarrier;
+
+__device__ __forceinline__ void producer_barrier_sync(int threads) {
+  asm volatile("bar.sync 1, %0;\n" ::"r"(threads));  // id 1: the producer warpgroup only
+}
+
 template <class Traits, bool kAnchorOnly>
 __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(const AttentionParams p) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
-  constexpr int kThreads = Traits::kThreads;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kProducerThreads = Traits::kProducerThreads;
   constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& storage = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  auto* full = reinterpret_cast<Barrier*>(storage.full_barrier);
+  auto* empty = reinterpret_cast<Barrier*>(storage.empty_barrier);
 
   const auto tile = CausalTileScheduler::get_tile();
   const Geometry& geo = p.geo;
   const int64_t r0 = int64_t(tile.q_block) * kBlockM;
   const int64_t r1 = min(int64_t(p.seqlen), r0 + kBlockM);
-  const int64_t group = r0 / geo.group_rows();
-  const int kv_head = tile.head / p.q_heads_per_kv();
-  const auto* q = static_cast<const Element*>(p.q) + tile.batch * p.q_batch_stride + tile.head * p.q_head_stride;
-  const auto* k = static_cast<const Element*>(p.k) + tile.batch * p.k_batch_stride + kv_head * p.k_head_stride;
-  const auto* v = static_cast<const Element*>(p.v) + tile.batch * p.v_batch_stride + kv_head * p.v_head_stride;
-  const uint32_t* group_words =
-      kAnchorOnly ? nullptr
-                  : p.selection + ((int64_t(tile.batch) * p.q_heads + tile.head) * p.num_groups + group) * p.num_words;
 
   Tensor sQ = make_tensor(make_smem_ptr(storage.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(storage.v.data()), typename Traits::SmemLayoutVt{});
 
-  // ---- key list producer (warp 0) and the gathers of all threads ----
-  const int warp = threadIdx.x / 32;
-  KeyListProducer<kBlockN> producer(geo, r0, r1, group_words);
-  auto produce = [&](int stage) {
-    if (warp == 0) {
-      int* slots = storage.key_slots[stage];
-      const int count = producer.next_tile(slots);
-      if (threadIdx.x == 0) {
-        storage.tile_valid[stage] = count > 0;
-        storage.tile_needs_mask[stage] = count < kBlockN || slots[count - 1] > r0;
-      }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      full[s].init(kProducerThreads + 1);  // one cp.async arrival per producer thread + the key list
+      empty[s].init(Traits::kConsumerThreads);
     }
-  };
-  auto gather = [&](int stage) {
-    const int* slots = storage.key_slots[stage];
-    auto row_of = [&](int slot) { return int64_t(slots[slot]); };
-    gather_rows<kThreads, kBlockN, kHeadDim>(k, p.k_row_stride, row_of,
-                                             [&](int slot, int col) { return &sK(slot, col, stage); });
-    if constexpr (!kAnchorOnly) {
-      gather_rows<kThreads, kBlockN, kHeadDim>(v, p.v_row_stride, row_of,
-                                               [&](int slot, int col) { return &sVt(col, slot, stage); });
-    }
-  };
-
-  // Q rows past the sequence end are zero-filled and never stored.
-  gather_rows<kThreads, kBlockM, kHeadDim>(
-      q, p.q_row_stride, [&](int slot) { return r0 + slot < r1 ? r0 + slot : int64_t(-1); },
-      [&](int slot, int col) { return &sQ(slot, col); });
-  produce(0);
+    cutlass::arch::fence_barrier_init();
+  }
   __syncthreads();
-  gather(0);
-  cp_async_commit();
 
-  // ---- MMA partitions ----
+  if (threadIdx.x < kProducerThreads) {
+    // ================================ producer ================================
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    const int thread = threadIdx.x;
+    const int kv_head = tile.head / p.q_heads_per_kv();
+    const auto* q = static_cast<const Element*>(p.q) + tile.batch * p.q_batch_stride + tile.head * p.q_head_stride;
+    const auto* k = static_cast<const Element*>(p.k) + tile.batch * p.k_batch_stride + kv_head * p.k_head_stride;
+    const auto* v = static_cast<const Element*>(p.v) + tile.batch * p.v_batch_stride + kv_head * p.v_head_stride;
+    const int64_t group = r0 / geo.group_rows();
+    const uint32_t* group_words =
+        kAnchorOnly ? nullptr
+                    : p.selection + ((int64_t(tile.batch) * p.q_heads + tile.head) * p.num_groups + group) * p.num_words;
+    KeyListProducer<kBlockN> key_list(geo, r0, r1, group_words);
+
+    // Q rows past the sequence end are zero-filled and never stored; Q lands with stage 0.
+    gather_rows<kProducerThreads, kBlockM, kHeadDim>(
+        thread, q, p.q_row_stride, [&](int slot) { return r0 + slot < r1 ? r0 + slot : int64_t(-1); },
+        [&](int slot, int col) { return &sQ(slot, col); });
+    for (int t = 0;; ++t) {
+      const int stage = t % kStages;
+      if (t >= kStages) empty[stage].wait(((t / kStages) + 1) & 1);  // consumers freed tile t - kStages
+      int* slots = storage.key_slots[stage];
+      if (thread < 32) {
+        const int count = key_list.next_tile(slots);
+        if (thread == 0) {
+          storage.tile_valid[stage] = count > 0;
+          storage.tile_needs_mask[stage] = count < kBlockN || slots[count - 1] > r0;
+        }
+      }
+      producer_barrier_sync(kProducerThreads);
+      const bool valid = storage.tile_valid[stage];
+      if (valid) {
+        auto row_of = [&](int slot) { return int64_t(slots[slot]); };
+        gather_rows<kProducerThreads, kBlockN, kHeadDim>(
+            thread, k, p.k_row_stride, row_of, [&](int slot, int col) { return &sK(slot, col, stage); });
+        if constexpr (!kAnchorOnly) {
+          gather_rows<kProducerThreads, kBlockN, kHeadDim>(
+              thread, v, p.v_row_stride, row_of, [&](int slot, int col) { return &sVt(col, slot, stage); });
+        }
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(&storage.full_barrier[stage]);  // when this thread's copies land
+      if (thread == 0) full[stage].arrive();  // releases the key list written above
+      if (!valid) break;
+    }
+    return;
+  }
+
+  // ================================ consumers ================================
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+  const int thread = threadIdx.x - kProducerThreads;
   typename Traits::TiledMmaQK mma_qk;
   typename Traits::TiledMmaPV mma_pv;
-  auto thr_qk = mma_qk.get_thread_slice(threadIdx.x);
-  auto thr_pv = mma_pv.get_thread_slice(threadIdx.x);
+  auto thr_qk = mma_qk.get_thread_slice(thread);
+  auto thr_pv = mma_pv.get_thread_slice(thread);
   Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));  // (MMA, MMA_M, MMA_K)
   Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));  // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));
@@ -105,16 +136,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
   const float scale = kAnchorOnly ? geo.sm_scale : geo.sm_scale * kLog2e;
   OnlineSoftmax softmax;
 
-  for (int stage = 0;; stage ^= 1) {
-    // Produce and start gathering the next tile while this one is computed.
-    produce(stage ^ 1);
-    __syncthreads();
-    const bool has_next = storage.tile_valid[stage ^ 1];
-    if (has_next) gather(stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+  for (int t = 0;; ++t) {
+    const int stage = t % kStages;
+    full[stage].wait((t / kStages) & 1);
+    if (!storage.tile_valid[stage]) break;
     cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
-    __syncthreads();
 
     warpgroup_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
 
@@ -145,14 +171,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
       warpgroup_fence_operand(tOrP_a);
       warpgroup_gemm<false>(mma_pv, tOrP_a, tOrVt(_, _, _, stage), tOrO);
     }
-    __syncthreads();  // this stage's smem is refilled by the next iteration's gather
-    if (!has_next) break;
+    empty[stage].arrive();  // this stage's K/V and key list are no longer read
   }
-  cp_async_wait<0>();
 
   // ---- epilogue ----
   const int64_t row_base = (int64_t(tile.batch) * p.q_heads + tile.head) * p.seqlen;
-  const bool quad_leader = threadIdx.x % 4 == 0;
+  const bool quad_leader = thread % 4 == 0;
   if constexpr (kAnchorOnly) {
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {

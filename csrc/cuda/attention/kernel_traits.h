@@ -11,15 +11,22 @@ namespace anchor::cuda::attention {
 
 using namespace cute;
 
-template <bool kIsBf16, int kHeadDim_>
+template <bool kIsBf16, int kHeadDim_, int kBlockN_ = 64, int kStages_ = 4>
 struct KernelTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;    // query rows per CTA: one query block
-  static constexpr int kBlockN = 64;     // key slots per gathered tile
-  static constexpr int kStages = 2;      // K/V tiles in flight (cp.async double buffer)
-  static constexpr int kWarpGroups = 2;  // each warpgroup owns 64 query rows
-  static constexpr int kThreads = kWarpGroups * 128;
+  static constexpr int kBlockM = 128;      // query rows per CTA: one query block
+  static constexpr int kBlockN = kBlockN_;  // key slots per gathered tile
+  static constexpr int kStages = kStages_;  // K/V tiles in flight between producer and consumers
+  // Warp specialisation: warpgroup 0 builds key lists and gathers K/V rows with
+  // cp.async; warpgroups 1 and 2 each own 64 query rows and run the MMAs and softmax.
+  static constexpr int kWarpGroups = 2;  // consumer warpgroups
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kConsumerThreads = kWarpGroups * 128;
+  static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+  // setmaxnreg budgets: 128 * 72 + 256 * 216 <= 65536 registers per SM.
+  static constexpr int kProducerRegisters = 72;
+  static constexpr int kConsumerRegisters = 216;
   static_assert(kHeadDim == 64 || kHeadDim == 128);
 
   // S = Q K^T: A = Q (smem, K-major), B = K tile (smem, K-major).
@@ -49,6 +56,8 @@ struct KernelTraits {
     int key_slots[kStages][kBlockN];  // key position of each slot of a tile; -1 = empty
     int tile_needs_mask[kStages];     // a slot is empty or a key lies past the first row
     int tile_valid[kStages];          // the producer had keys left for this tile
+    uint64_t full_barrier[kStages];   // producer -> consumers: the stage's rows have landed
+    uint64_t empty_barrier[kStages];  // consumers -> producer: the stage may be refilled
   };
 };
 

@@ -15,14 +15,14 @@ namespace anchor::cuda::attention {
 // empty slot (zero-filled). `smem_chunk(slot, col)` gives the shared address of
 // the 8 elements starting at column `col` of that slot.
 template <int kThreads, int kRows, int kHeadDim, class Element, class RowOf, class SmemChunk>
-__device__ __forceinline__ void gather_rows(const Element* base, int64_t row_stride, RowOf row_of,
-                                            SmemChunk smem_chunk) {
+__device__ __forceinline__ void gather_rows(int thread, const Element* base, int64_t row_stride,
+                                            RowOf row_of, SmemChunk smem_chunk) {
   constexpr int kChunksPerRow = kHeadDim / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0);
   CUTE_UNROLL
   for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int chunk = i * kThreads + int(threadIdx.x);  // neighbouring threads: neighbouring 16 B of a row
+    const int chunk = i * kThreads + thread;  // neighbouring threads: neighbouring 16 B of a row
     const int slot = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
     const int64_t row = row_of(slot);
     const Element* src = row >= 0 ? base + row * row_stride + col : base;
