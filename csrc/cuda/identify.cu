@@ -9,9 +9,13 @@
 // multiplied (hi·k + lo·k), so a vote differs from the fp32 reference only
 // within ~1e-5 of theta.
 //
-// Work split: one CTA per (q head, group, batch), 4 warps; each warp walks
-// 32-key tiles of the middle region (double-buffered cp.async into its own smem
-// buffer), so every bitmask word is written by exactly one warp, without atomics.
+// Work split: one CTA per (group, batch, up to heads_per_cta q heads sharing one
+// kv head), 4 warps; each warp walks 32-key tiles of the middle region
+// (double-buffered cp.async into its own smem buffer) and scores every tile
+// against the block means of all the CTA's q heads, so K is read once per kv
+// head and group. Every bitmask word is written by exactly one warp.
+#include <algorithm>
+
 #include "params.h"
 #include "utils.cuh"
 
@@ -53,11 +57,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 template <typename Element, int kHeadDim>
 struct IdentifySmem {
   static constexpr int kPitch = kHeadDim + 8;  // elements per smem row
-  int mean_rows;                               // step rounded up to 16
-  __device__ __host__ size_t mean_bytes() const { return size_t(mean_rows) * kPitch * sizeof(Element); }
+  int rows_per_head;                           // step rounded up to 16
+  int heads;                                   // q heads per CTA
+  __device__ __host__ int mean_rows() const { return rows_per_head * heads; }
+  __device__ __host__ size_t mean_bytes() const { return size_t(mean_rows()) * kPitch * sizeof(Element); }
   __device__ __host__ size_t key_tile_bytes() const { return size_t(kTileKeys) * kPitch * sizeof(Element); }
   __device__ __host__ size_t total_bytes() const {
-    return 2 * mean_bytes() + mean_rows * sizeof(float) + kWarps * kStages * key_tile_bytes();
+    return 2 * mean_bytes() + mean_rows() * sizeof(float) + kWarps * kStages * key_tile_bytes();
   }
 };
 
@@ -67,40 +73,51 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
   using Smem = IdentifySmem<Element, kHeadDim>;
   constexpr int kPitch = Smem::kPitch;
   const Geometry& geo = p.geo;
-  const int head = blockIdx.x;
+  const int q_heads_per_kv = p.q_heads_per_kv();
+  const int chunks_per_kv = (q_heads_per_kv + p.heads_per_cta - 1) / p.heads_per_cta;
+  const int kv_head = blockIdx.x / chunks_per_kv;
+  const int first_head = kv_head * q_heads_per_kv + (blockIdx.x % chunks_per_kv) * p.heads_per_cta;
+  const int heads = min(p.heads_per_cta, (kv_head + 1) * q_heads_per_kv - first_head);
   const int group = int(p.num_groups) - 1 - int(blockIdx.y);  // long groups first
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  uint32_t* words = p.selection + ((int64_t(batch) * p.q_heads + head) * p.num_groups + group) * p.num_words;
+  auto words_of = [&](int h) {
+    return p.selection + ((int64_t(batch) * p.q_heads + first_head + h) * p.num_groups + group) * p.num_words;
+  };
   const int64_t m0 = geo.sink_end(), m1 = geo.middle_end(group);
   // block_size is 128, so the middle region starts and ends on word boundaries.
   const int64_t w0 = m0 / 32, w1 = m1 > m0 ? m1 / 32 : w0;
-  for (int64_t w = threadIdx.x; w < p.num_words; w += kThreads) {
-    if (w < w0 || w >= w1) words[w] = 0u;
+  for (int h = 0; h < heads; ++h) {
+    uint32_t* words = words_of(h);
+    for (int64_t w = threadIdx.x; w < p.num_words; w += kThreads) {
+      if (w < w0 || w >= w1) words[w] = 0u;
+    }
   }
   if (m1 <= m0) return;
 
   extern __shared__ __align__(128) char smem_raw[];
-  Smem layout{((geo.step + 15) / 16) * 16};
+  Smem layout{((geo.step + 15) / 16) * 16, heads};
   auto* mean_hi = reinterpret_cast<Element*>(smem_raw);
   auto* mean_lo = reinterpret_cast<Element*>(smem_raw + layout.mean_bytes());
   auto* mean_anchor = reinterpret_cast<float*>(smem_raw + 2 * layout.mean_bytes());
   auto* key_tiles = reinterpret_cast<Element*>(smem_raw + 2 * layout.mean_bytes() +
-                                               layout.mean_rows * sizeof(float));
+                                               layout.mean_rows() * sizeof(float));
 
   // ---- block means of the group's queries and anchors (fp32), split hi + lo ----
-  const auto* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
-  const float* anchor = p.anchor + (int64_t(batch) * p.q_heads + head) * p.seqlen;
+  // Row r of the mean tile is query block (r % rows_per_head) of head r / rows_per_head.
   const int64_t q_blocks = geo.num_q_blocks(p.seqlen);
   const int64_t first_block = int64_t(group) * geo.step;
   constexpr int kPerLane = kHeadDim / 32;
-  for (int r = warp; r < layout.mean_rows; r += kWarps) {
-    const int64_t qb = first_block + r;
+  for (int r = warp; r < layout.mean_rows(); r += kWarps) {
+    const int head = first_head + r / layout.rows_per_head, block_in_group = r % layout.rows_per_head;
+    const auto* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
+    const float* anchor = p.anchor + (int64_t(batch) * p.q_heads + head) * p.seqlen;
+    const int64_t qb = first_block + block_in_group;
     float sum[kPerLane] = {};
     float anchor_sum = 0.f;
     int64_t count = 0;
-    if (r < geo.step && qb < q_blocks) {
+    if (block_in_group < geo.step && qb < q_blocks) {
       const int64_t row0 = qb * geo.block_size;
       const int64_t row1 = min(int64_t(p.seqlen), row0 + geo.block_size);
       count = row1 - row0;
@@ -126,7 +143,6 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
   __syncthreads();
 
   // ---- walk the middle region in 32-key tiles, one warp per tile ----
-  const int kv_head = head / p.q_heads_per_kv();
   const auto* k = static_cast<const Element*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
   Element* my_tiles = key_tiles + warp * kStages * kTileKeys * kPitch;
   constexpr int kChunksPerRow = kHeadDim * int(sizeof(Element)) / 16;
@@ -170,42 +186,44 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
       }
     }
 
-    // Vote bits of this lane: bit (n_tile * 2 + e) <-> key n_tile * 8 + 2t + e.
-    uint32_t votes = 0;
-    for (int m_tile = 0; m_tile < layout.mean_rows / 16; ++m_tile) {
-      float acc[4][4] = {};
+    for (int h = 0; h < heads; ++h) {
+      // Vote bits of this lane: bit (n_tile * 2 + e) <-> key n_tile * 8 + 2t + e.
+      uint32_t votes = 0;
+      for (int m_tile = h * layout.rows_per_head / 16; m_tile < (h + 1) * layout.rows_per_head / 16; ++m_tile) {
+        float acc[4][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        uint32_t a_hi[4], a_lo[4];
-        const int row = m_tile * 16 + (lane % 16), col = kk * 16 + (lane / 16) * 8;
-        ldmatrix_x4(a_hi, mean_hi + row * kPitch + col);
-        ldmatrix_x4(a_lo, mean_lo + row * kPitch + col);
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+          uint32_t a_hi[4], a_lo[4];
+          const int row = m_tile * 16 + (lane % 16), col = kk * 16 + (lane / 16) * 8;
+          ldmatrix_x4(a_hi, mean_hi + row * kPitch + col);
+          ldmatrix_x4(a_lo, mean_lo + row * kPitch + col);
+#pragma unroll
+          for (int n_tile = 0; n_tile < 4; ++n_tile) {
+            mma_16x8x16<Element>(acc[n_tile], a_hi, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
+            mma_16x8x16<Element>(acc[n_tile], a_lo, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
+          }
+        }
+        const float anchor_top = mean_anchor[m_tile * 16 + g];
+        const float anchor_bottom = mean_anchor[m_tile * 16 + g + 8];
 #pragma unroll
         for (int n_tile = 0; n_tile < 4; ++n_tile) {
-          mma_16x8x16<Element>(acc[n_tile], a_hi, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
-          mma_16x8x16<Element>(acc[n_tile], a_lo, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const bool vote = (anchor_top - scale * acc[n_tile][e] < theta) ||
+                              (anchor_bottom - scale * acc[n_tile][2 + e] < theta);
+            votes |= uint32_t(vote) << (n_tile * 2 + e);
+          }
         }
       }
-      const float anchor_top = mean_anchor[m_tile * 16 + g];
-      const float anchor_bottom = mean_anchor[m_tile * 16 + g + 8];
-#pragma unroll
-      for (int n_tile = 0; n_tile < 4; ++n_tile) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const bool vote = (anchor_top - scale * acc[n_tile][e] < theta) ||
-                            (anchor_bottom - scale * acc[n_tile][2 + e] < theta);
-          votes |= uint32_t(vote) << (n_tile * 2 + e);
-        }
-      }
+      // Union over the rows (query blocks) held by the 8 lanes that share t.
+      votes |= __shfl_xor_sync(~0u, votes, 4);
+      votes |= __shfl_xor_sync(~0u, votes, 8);
+      votes |= __shfl_xor_sync(~0u, votes, 16);
+      // Lane l reports key l: it lives in lane (l % 8) / 2 at bit (l / 8) * 2 + l % 2.
+      const uint32_t source = __shfl_sync(~0u, votes, (lane % 8) / 2);
+      const uint32_t word = __ballot_sync(~0u, (source >> ((lane / 8) * 2 + (lane & 1))) & 1u);
+      if (lane == 0) words_of(h)[w0 + tile] = word;
     }
-    // Union over the rows (query blocks) held by the 8 lanes that share t.
-    votes |= __shfl_xor_sync(~0u, votes, 4);
-    votes |= __shfl_xor_sync(~0u, votes, 8);
-    votes |= __shfl_xor_sync(~0u, votes, 16);
-    // Lane l reports key l: it lives in lane (l % 8) / 2 at bit (l / 8) * 2 + l % 2.
-    const uint32_t source = __shfl_sync(~0u, votes, (lane % 8) / 2);
-    const uint32_t word = __ballot_sync(~0u, (source >> ((lane / 8) * 2 + (lane & 1))) & 1u);
-    if (lane == 0) words[w0 + tile] = word;
     __syncwarp();  // the stage is refilled next iteration
   }
   cp_async_wait<0>();
@@ -213,12 +231,17 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
 
 template <typename Element, int kHeadDim>
 void launch_identify(const IdentifyParams& p, cudaStream_t stream) {
-  IdentifySmem<Element, kHeadDim> layout{((p.geo.step + 15) / 16) * 16};
+  IdentifyParams params = p;
+  const int rows_per_head = ((p.geo.step + 15) / 16) * 16;
+  // Up to 128 mean rows per CTA (q heads of one kv head together), <= ~140 KB of smem.
+  params.heads_per_cta = std::max(1, std::min(p.q_heads_per_kv(), 128 / rows_per_head));
+  IdentifySmem<Element, kHeadDim> layout{rows_per_head, params.heads_per_cta};
   const size_t smem = layout.total_bytes();
   auto kernel = identify_kernel<Element, kHeadDim>;
   ANCHOR_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 grid(p.q_heads, unsigned(p.num_groups), p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  const int chunks_per_kv = (p.q_heads_per_kv() + params.heads_per_cta - 1) / params.heads_per_cta;
+  const dim3 grid(unsigned(p.kv_heads * chunks_per_kv), unsigned(p.num_groups), p.batch);
+  kernel<<<grid, kThreads, smem, stream>>>(params);
   ANCHOR_CUDA_CHECK(cudaGetLastError());
 }
 

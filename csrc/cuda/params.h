@@ -40,12 +40,13 @@ struct AttentionParams : QKVParams {
   bool anchor_only = false;
 };
 
-// Stage 2: per (batch, q head, group), stripe votes written as the bitmask.
+// Stage 2: per (batch, group, q heads of one kv head), stripe votes written as the bitmask.
 struct IdentifyParams : QKVParams {
   const float* anchor = nullptr;  // (B, Hq, N) contiguous
   uint32_t* selection = nullptr;  // (B, Hq, num_groups, num_words) contiguous; every word written
   int64_t num_groups = 0, num_words = 0;
   float theta = 12.f;
+  int heads_per_cta = 1;  // q heads of one kv head handled together (each K tile read once for all)
 };
 
 void run_identify(const IdentifyParams& params, cudaStream_t stream);

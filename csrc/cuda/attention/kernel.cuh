@@ -92,12 +92,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
       if (thread < 32) {
         const int count = key_list.next_tile(slots);
         if (thread == 0) {
-          storage.tile_valid[stage] = count > 0;
-          storage.tile_needs_mask[stage] = count < kBlockN || slots[count - 1] > r0;
+          storage.tile_count[stage] = count;
+          storage.tile_causal[stage] = count > 0 && slots[count - 1] > r0;  // keys are ascending
         }
       }
       producer_barrier_sync(kProducerThreads);
-      const bool valid = storage.tile_valid[stage];
+      const bool valid = storage.tile_count[stage] > 0;
       if (valid) {
         auto row_of = [&](int slot) { return int64_t(slots[slot]); };
         gather_rows<kProducerThreads, kBlockN, kHeadDim>(
@@ -139,21 +139,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
   for (int t = 0;; ++t) {
     const int stage = t % kStages;
     full[stage].wait((t / kStages) & 1);
-    if (!storage.tile_valid[stage]) break;
+    const int count = storage.tile_count[stage];
+    if (count == 0) break;
     cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
 
     warpgroup_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
 
-    const bool needs_mask = storage.tile_needs_mask[stage];
+    // Mask empty slots (the tail of a tile closed early) and, on the tiles that
+    // reach the diagonal, keys after the row. Stripe tiles need no key lookup.
+    const bool causal = storage.tile_causal[stage];
     const int* slots = storage.key_slots[stage];
     CUTE_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) {
-      float s = tSrS(i) * scale;
-      if (needs_mask) {
-        const int key = slots[get<1>(tScS(i))];
-        if (key < 0 || key > my_row[row_slot(i)]) s = -INFINITY;
+    for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= scale;
+    if (count < kBlockN || causal) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) {
+        const int slot = get<1>(tScS(i));
+        if (slot >= count || (causal && slots[slot] > my_row[row_slot(i)])) tSrS(i) = -INFINITY;
       }
-      tSrS(i) = s;
     }
 
     if constexpr (kAnchorOnly) {

@@ -11,7 +11,7 @@ namespace anchor::cuda::attention {
 
 using namespace cute;
 
-template <bool kIsBf16, int kHeadDim_, int kBlockN_ = 64, int kStages_ = 4>
+template <bool kIsBf16, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2>
 struct KernelTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
@@ -54,8 +54,8 @@ struct KernelTraits {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutVt>, 1024> v;
     int key_slots[kStages][kBlockN];  // key position of each slot of a tile; -1 = empty
-    int tile_needs_mask[kStages];     // a slot is empty or a key lies past the first row
-    int tile_valid[kStages];          // the producer had keys left for this tile
+    int tile_count[kStages];          // keys in the tile (slots [count, kBlockN) are empty)
+    int tile_causal[kStages];         // some key lies past the block's first row
     uint64_t full_barrier[kStages];   // producer -> consumers: the stage's rows have landed
     uint64_t empty_barrier[kStages];  // consumers -> producer: the stage may be refilled
   };

@@ -20,7 +20,9 @@ __device__ __forceinline__ void gather_rows(int thread, const Element* base, int
   constexpr int kChunksPerRow = kHeadDim / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0);
-  CUTE_UNROLL
+  // A partial unroll keeps a few copies in flight per thread without holding every
+  // address live at once (the producer warpgroup runs on a small register budget).
+#pragma unroll 4
   for (int i = 0; i < kChunks / kThreads; ++i) {
     const int chunk = i * kThreads + thread;  // neighbouring threads: neighbouring 16 B of a row
     const int slot = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
