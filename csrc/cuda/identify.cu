@@ -233,8 +233,17 @@ template <typename Element, int kHeadDim>
 void launch_identify(const IdentifyParams& p, cudaStream_t stream) {
   IdentifyParams params = p;
   const int rows_per_head = ((p.geo.step + 15) / 16) * 16;
-  // Up to 128 mean rows per CTA (q heads of one kv head together), <= ~140 KB of smem.
+  // Up to 128 mean rows per CTA (q heads of one kv head together: each K tile is
+  // read once for all of them), <= ~140 KB of smem; but one head per CTA when
+  // packing would leave SMs idle (short sequences, few groups).
   params.heads_per_cta = std::max(1, std::min(p.q_heads_per_kv(), 128 / rows_per_head));
+  static const int num_sms = [] {
+    int device = 0, count = 0;
+    ANCHOR_CUDA_CHECK(cudaGetDevice(&device));
+    ANCHOR_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  if (int64_t(p.kv_heads) * p.num_groups * p.batch < 2 * num_sms) params.heads_per_cta = 1;
   IdentifySmem<Element, kHeadDim> layout{rows_per_head, params.heads_per_cta};
   const size_t smem = layout.total_bytes();
   auto kernel = identify_kernel<Element, kHeadDim>;

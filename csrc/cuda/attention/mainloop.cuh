@@ -50,10 +50,11 @@ __device__ __forceinline__ constexpr auto accumulator_as_operand_a(AccLayout acc
                      make_layout(Int<kGroups / 2>{}, d2 * _2{}));
 }
 
-// One warpgroup GEMM batch: issue all k-blocks, then wait for completion.
+// Issues one warpgroup GEMM batch (all k-blocks) and commits it; the caller
+// waits with cute::warpgroup_wait<N>() and fences the accumulators after.
 template <bool kZeroInit, class TiledMma, class FragA, class FragB, class FragC>
-__device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, FragA const& a, FragB const& b,
-                                               FragC& c) {
+__device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, FragA const& a, FragB const& b,
+                                                     FragC& c) {
   using namespace cute;
   warpgroup_fence_operand(c);
   warpgroup_arrive();
@@ -64,8 +65,15 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, FragA const&
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(c);
 }
+
+// Ping-pong between the two consumer warpgroups (named barriers 2 and 3): a
+// warpgroup issues its GEMMs only on its turn, then hands the turn over, so one
+// warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
+struct WarpgroupPingPong {
+  int self;  // consumer warpgroup 0 or 1
+  __device__ void wait_turn() const { asm volatile("bar.sync %0, 256;\n" ::"r"(2 + self)); }
+  __device__ void pass_turn() const { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - self)); }
+};
 
 }  // namespace anchor::cuda::attention
