@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
     // Software pipeline per warpgroup: S(t) = Q K(t)^T is issued together with
     // O += P(t-1) V(t-1); the softmax of S(t) overlaps the P V GEMM, and the
     // ping-pong lets the other warpgroup's GEMMs fill the tensor cores meanwhile.
-    const WarpgroupPingPong pingpong{thread / 128};
+    const WarpgroupPingPong<Traits::kPingPong> pingpong{thread / 128};
     if (pingpong.self == 1) pingpong.pass_turn();  // warpgroup 0 starts
     Tensor tOrP = make_tensor_like<Element>(tSrS);
     Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tSrS.layout()));
