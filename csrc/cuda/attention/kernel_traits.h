@@ -11,7 +11,7 @@ namespace anchor::cuda::attention {
 
 using namespace cute;
 
-template <bool kIsBf16, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2>
+template <bool kIsBf16, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 3>
 struct KernelTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
