@@ -87,10 +87,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
         [&](int slot, int col) { return &sQ(slot, col); });
     for (int t = 0;; ++t) {
       const int stage = t % kStages;
+      // Build the key list first (its bitmask loads overlap the wait for a free
+      // stage), then publish it into the stage once the consumers released it.
+      int count = 0;
+      if (thread < 32) count = key_list.next_tile(storage.staged_slots);
       if (t >= kStages) empty[stage].wait(((t / kStages) + 1) & 1);  // consumers freed tile t - kStages
       int* slots = storage.key_slots[stage];
       if (thread < 32) {
-        const int count = key_list.next_tile(slots);
+        for (int i = thread; i < kBlockN; i += 32) slots[i] = storage.staged_slots[i];
+        __syncwarp();
         if (thread == 0) {
           storage.tile_count[stage] = count;
           storage.tile_causal[stage] = count > 0 && slots[count - 1] > r0;  // keys are ascending

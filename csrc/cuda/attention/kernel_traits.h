@@ -57,6 +57,7 @@ struct KernelTraits {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutVt>, 1024> v;
     int key_slots[kStages][kBlockN];  // key position of each slot of a tile; -1 = empty
+    int staged_slots[kBlockN];        // the next key list, built while its stage is still in use
     int tile_count[kStages];          // keys in the tile (slots [count, kBlockN) are empty)
     int tile_causal[kStages];         // some key lies past the block's first row
     uint64_t full_barrier[kStages];   // producer -> consumers: the stage's rows have landed

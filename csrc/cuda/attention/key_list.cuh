@@ -11,7 +11,9 @@
 // empty slot). Stripes are compacted straight from the bitmask: each lane takes
 // one 32-bit word, a warp prefix sum of the popcounts gives every lane its
 // output offset, and words are taken while they fit in the tile (a word that
-// does not fit closes the tile early, so no word is ever split).
+// does not fit closes the tile early, so no word is ever split). The next 32
+// words are loaded before next_tile() returns, so their latency overlaps the
+// gathers of the tile just produced instead of delaying the next key list.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +30,7 @@ struct KeyListProducer {
   int64_t next;              // next key (sink, local) or next bitmask word (stripes)
   int64_t sink_end, stripe_word_end, local_start, rows_end;
   const uint32_t* words;     // the group's bitmask, or null for stage 1
+  uint32_t window = 0;       // lane l holds word next + l while segment == kStripes
 
   __device__ KeyListProducer(const Geometry& geo, int64_t r0, int64_t r1, const uint32_t* group_words) {
     const int64_t group = r0 / geo.group_rows();
@@ -63,7 +66,7 @@ struct KeyListProducer {
         if (next >= end) advance();
       } else {  // kStripes: compact the set bits of the next words
         const int64_t word = next + lane;
-        uint32_t bits = word < stripe_word_end ? words[word] : 0u;
+        uint32_t bits = window;
         const int count = __popc(bits);
         int inclusive = count;
 #pragma unroll
@@ -82,6 +85,9 @@ struct KeyListProducer {
         }
         filled += lanes_taken > 0 ? __shfl_sync(~0u, inclusive, lanes_taken - 1) : 0;
         next += lanes_taken;
+        // Slide the window: keep the words not taken, load the ones after them.
+        const uint32_t kept = __shfl_down_sync(~0u, window, lanes_taken & 31);
+        window = (lanes_taken < 32 && lane + lanes_taken < 32) ? kept : load_word(next + lane);
         if (next >= stripe_word_end) {
           advance();
         } else if (lanes_taken < 32) {
@@ -95,10 +101,13 @@ struct KeyListProducer {
   }
 
  private:
+  __device__ uint32_t load_word(int64_t w) const { return w < stripe_word_end ? words[w] : 0u; }
+
   __device__ void advance() {
     if (segment == kSink) {
       segment = kStripes;
       next = sink_end / 32;  // the middle region starts at sink_end (a multiple of 128)
+      window = load_word(next + threadIdx.x % 32);
       if (next >= stripe_word_end) advance();
     } else if (segment == kStripes) {
       segment = local_start < rows_end ? kLocal : kDone;
