@@ -14,21 +14,27 @@ namespace anchor::cuda::attention {
 // per cp.async. `row_of(slot)` gives the global row of a tile slot, or -1 for an
 // empty slot (zero-filled). `smem_chunk(slot, col)` gives the shared address of
 // the 8 elements starting at column `col` of that slot.
+//
+// Thread t always copies column chunk t % kChunksPerRow of slots
+// t / kChunksPerRow + i * kSlotStep. With kSlotStep a multiple of the 8-row
+// swizzle period, those chunks sit at a constant stride in the 128-byte
+// swizzled layouts, so the swizzled address is computed twice per call instead
+// of once per copy (the address math used to cost more than the copies).
 template <int kThreads, int kRows, int kHeadDim, class Element, class RowOf, class SmemChunk>
 __device__ __forceinline__ void gather_rows(int thread, const Element* base, int64_t row_stride,
                                             RowOf row_of, SmemChunk smem_chunk) {
   constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0);
-  // A partial unroll keeps a few copies in flight per thread without holding every
-  // address live at once (the producer warpgroup runs on a small register budget).
+  constexpr int kSlotStep = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kSlotStep == 0);
+  static_assert(kSlotStep % 8 == 0, "the smem stride is constant only across whole swizzle periods");
+  const int col = (thread % kChunksPerRow) * 8, first_slot = thread / kChunksPerRow;
+  Element* smem = smem_chunk(first_slot, col);
+  const ptrdiff_t smem_stride = smem_chunk(first_slot + kSlotStep, col) - smem;
+  const Element* src_col = base + col;
 #pragma unroll 4
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int chunk = i * kThreads + thread;  // neighbouring threads: neighbouring 16 B of a row
-    const int slot = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
-    const int64_t row = row_of(slot);
-    const Element* src = row >= 0 ? base + row * row_stride + col : base;
-    cp_async_16(smem_chunk(slot, col), src, row >= 0 ? 16 : 0);
+  for (int i = 0; i < kRows / kSlotStep; ++i) {
+    const int64_t row = row_of(first_slot + i * kSlotStep);
+    cp_async_16(smem + i * smem_stride, row >= 0 ? src_col + row * row_stride : base, row >= 0 ? 16 : 0);
   }
 }
 
