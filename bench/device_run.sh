@@ -24,7 +24,14 @@ if [[ $mode == tests || $mode == all ]]; then
   timeout 300 python3 -m pytest -x -q tests/test_cuda.py -k "${PYTEST_K:-not rejects}" 2>&1 \
     | tee "$OUT/test_cuda.log" | tail -4
 fi
+if [[ $mode == sanitize || $mode == all ]]; then
+  timeout 300 compute-sanitizer --tool memcheck --leak-check no python3 bench/smoke.py --quick 2>&1 \
+    | tee "$OUT/memcheck.log" | grep -E "ERROR SUMMARY|n=" | tail -4
+fi
 if [[ $mode == bench || $mode == all ]]; then
   timeout 400 python3 -m bench.prefill --sizes "${SIZES:-8192,32768,131072}" --thetas "${THETAS:-12}" \
     --commit "${COMMIT:-unknown}" --out "$OUT/prefill.json" 2>&1 | tee "$OUT/bench.log"
+fi
+if [[ $mode == demo || $mode == all ]]; then
+  timeout 200 python3 -m anchor_ext.demo 2>&1 | tee "$OUT/demo.log" | tail -6
 fi

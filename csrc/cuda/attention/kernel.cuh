@@ -138,17 +138,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
 
   // Rows of this thread's two row slots (softmax.cuh: element i is in slot (i / 2) % 2).
   const int64_t my_row[2] = {r0 + get<0>(tScS(0)), r0 + get<0>(tScS(2))};
-  const float scale = kAnchorOnly ? geo.sm_scale : geo.sm_scale * kLog2e;
-  OnlineSoftmax softmax;
+  // Stage 1 keeps natural-log row maxima; stage 3 works in log2 units.
+  OnlineSoftmax softmax{kAnchorOnly ? geo.sm_scale : geo.sm_scale * kLog2e};
 
-  // Scale to log2 units and mask empty slots (the tail of a tile closed early)
-  // and, on tiles that reach the diagonal, keys after the row. Stripe tiles
-  // need no key lookup.
-  auto scale_and_mask = [&](int stage, int count) {
+  // Mask empty slots (the tail of a tile closed early) and, on tiles that reach
+  // the diagonal, keys after the row. Stripe tiles need no key lookup.
+  auto mask = [&](int stage, int count) {
     const bool causal = storage.tile_causal[stage];
     const int* slots = storage.key_slots[stage];
-    CUTE_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= scale;
     if (count < kBlockN || causal) {
       CUTE_UNROLL
       for (int i = 0; i < size(tSrS); ++i) {
@@ -169,7 +166,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       empty[stage].arrive();
-      scale_and_mask(stage, count);
+      mask(stage, count);
       softmax.update_max(tSrS);
     }
   } else {
@@ -192,7 +189,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
     pingpong.pass_turn();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
-    scale_and_mask(0, storage.tile_count[0]);
+    mask(0, storage.tile_count[0]);
     {
       float rescale[2];
       softmax.update(tSrS, rescale);  // O is still zero: nothing to rescale
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
       if (has_tile) {
         warpgroup_wait<1>();  // S(t) is ready; P(t-1) V(t-1) may still run
         warpgroup_fence_operand(tSrS);
-        scale_and_mask(stage, count);
+        mask(stage, count);
         softmax.update(tSrS, rescale);
       }
       warpgroup_wait<0>();

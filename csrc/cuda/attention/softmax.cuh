@@ -3,7 +3,8 @@
 // A thread of a 64-row warpgroup MMA holds, for each group of 8 columns, 2
 // columns of 2 rows (r and r + 8 of its warp's 16 rows); the 4 lanes of a quad
 // share those rows. Fragment element i belongs to row slot (i / 2) % 2.
-// Scores are in log2 units (the scale carries log2(e)), so exp2 is one MUFU op.
+// Scores arrive unscaled; `scale` (sm_scale * log2(e)) is folded into the
+// exponent, exp2(s * scale - max), one FFMA and one MUFU op per element.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -24,7 +25,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 struct OnlineSoftmax {
-  float row_max[2] = {-INFINITY, -INFINITY};  // running max (log2 units), quad-uniform
+  float scale;                                // multiplies raw scores (> 0, so it commutes with max)
+  float row_max[2] = {-INFINITY, -INFINITY};  // running max of scaled scores, quad-uniform
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sum; quad-reduced at the end
 
   // Turns scores into probabilities relative to the new running max and returns,
@@ -37,7 +39,7 @@ struct OnlineSoftmax {
     float shift[2];
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]) * scale);
       shift[r] = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet: avoid inf - inf
       rescale[r] = exp2f(row_max[r] - shift[r]);
       row_max[r] = new_max;
@@ -45,7 +47,7 @@ struct OnlineSoftmax {
     }
     CUTE_UNROLL
     for (int i = 0; i < cute::size(scores); ++i) {
-      const float p = exp2f(scores(i) - shift[row_slot(i)]);
+      const float p = exp2f(fmaf(scores(i), scale, -shift[row_slot(i)]));
       scores(i) = p;
       row_sum[row_slot(i)] += p;
     }
@@ -58,7 +60,7 @@ struct OnlineSoftmax {
     CUTE_UNROLL
     for (int i = 0; i < cute::size(scores); ++i) tile_max[row_slot(i)] = fmaxf(tile_max[row_slot(i)], scores(i));
     CUTE_UNROLL
-    for (int r = 0; r < 2; ++r) row_max[r] = fmaxf(row_max[r], quad_max(tile_max[r]));
+    for (int r = 0; r < 2; ++r) row_max[r] = fmaxf(row_max[r], quad_max(tile_max[r]) * scale);
   }
 };
 
