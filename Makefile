@@ -26,8 +26,9 @@ $(VENV)/.installed: requirements-dev.txt
 install: venv
 	mkdir -p build
 	@echo "CUDA_HOME=$(CUDA_HOME)"
-	$(PY) -m pip install --no-build-isolation -e . -v > build/pip-install.log 2>&1 \
-	  || { grep -E -B2 -A8 "error|Error" build/pip-install.log | tail -60; exit 1; }
+	start=$$(date +%s); $(PY) -m pip install --no-build-isolation -e . -v > build/pip-install.log 2>&1 \
+	  || { grep -E -B2 -A8 "error|Error" build/pip-install.log | tail -60; exit 1; }; \
+	  echo "build (pip install --no-build-isolation -e .): $$(( $$(date +%s) - start )) s"
 	grep -E "^ *anchor_ext: building|\[[0-9]+/[0-9]+\] (c\+\+|.*nvcc)" build/pip-install.log | cut -c1-160 || true
 	$(PY) -c "import anchor_ext; print('anchor_ext built, CUDA kernels:', anchor_ext.built_with_cuda())"
 
