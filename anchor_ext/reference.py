@@ -140,8 +140,13 @@ def _query_blocks(n: int, block_size: int):
         yield start, min(n, start + block_size)
 
 
-def dense_attention(q, k, v, *, sm_scale=None, block_size=128):
-    """Causal softmax attention in fp32. Returns ``(out fp32, lse fp32 natural log)``."""
+def _masked_attention(q, k, v, keep_mask, *, sm_scale, block_size):
+    """Softmax attention of every query block over the keys ``keep_mask`` allows.
+
+    ``keep_mask(b, h, rows, n_keys)`` returns the boolean ``(len(rows), n_keys)`` mask
+    of the keys each row attends to (keys at or after ``rows[-1] + 1`` are never
+    passed). Returns ``(out fp32, lse fp32 natural log)``.
+    """
     bsz, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = _scale(sm_scale, d)
@@ -152,12 +157,20 @@ def dense_attention(q, k, v, *, sm_scale=None, block_size=128):
             kh = k[b, _kv_head(h, hq, hkv)].float()
             vh = v[b, _kv_head(h, hq, hkv)].float()
             for r0, r1 in _query_blocks(n, block_size):
-                s = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
                 rows = torch.arange(r0, r1, device=q.device)
-                s = s.masked_fill(torch.arange(r1, device=q.device)[None, :] > rows[:, None], -math.inf)
+                s = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                s = s.masked_fill(~keep_mask(b, h, rows, r1), -math.inf)
                 lse[b, h, r0:r1] = torch.logsumexp(s, dim=-1)
                 out[b, h, r0:r1] = torch.softmax(s, dim=-1) @ vh[:r1]
     return out, lse
+
+
+def dense_attention(q, k, v, *, sm_scale=None, block_size=128):
+    """Causal softmax attention in fp32. Returns ``(out fp32, lse fp32 natural log)``."""
+    def causal(b, h, rows, n_keys):
+        return torch.arange(n_keys, device=rows.device)[None, :] <= rows[:, None]
+
+    return _masked_attention(q, k, v, causal, sm_scale=sm_scale, block_size=block_size)
 
 
 def anchor(q, k, *, block_size=128, step=16, init_blocks=1, local_blocks=1, sm_scale=None):
@@ -236,23 +249,11 @@ def sparse_attention(q, k, v, selection, *, block_size=128, step=16, init_blocks
     Returns ``(out fp32 (B, Hq, N, D), lse fp32 (B, Hq, N))``.
     """
     cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
-    bsz, hq, n, d = q.shape
-    hkv = k.shape[1]
-    scale = _scale(sm_scale, d)
-    out = torch.empty(bsz, hq, n, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(bsz, hq, n, dtype=torch.float32, device=q.device)
-    for b in range(bsz):
-        for h in range(hq):
-            kh = k[b, _kv_head(h, hq, hkv)].float()
-            vh = v[b, _kv_head(h, hq, hkv)].float()
-            for r0, r1 in _query_blocks(n, block_size):
-                rows = torch.arange(r0, r1, device=q.device)
-                mask = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
-                s = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
-                s = s.masked_fill(~mask, -math.inf)
-                lse[b, h, r0:r1] = torch.logsumexp(s, dim=-1)
-                out[b, h, r0:r1] = torch.softmax(s, dim=-1) @ vh[:r1]
-    return out, lse
+
+    def computed(b, h, rows, n_keys):
+        return computed_mask(rows, n_keys, selection[b, h, int(rows[0]) // cfg.group_rows], cfg)
+
+    return _masked_attention(q, k, v, computed, sm_scale=sm_scale, block_size=block_size)
 
 
 def prefill(q, k, v, *, theta=12.0, block_size=128, step=16, init_blocks=1, local_blocks=1,

@@ -28,6 +28,12 @@ from anchor_ext import metrics, synthetic
 from anchor_ext.reference import SparseConfig
 
 
+def environment() -> dict:
+    """Device and versions, recorded in every result file."""
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
 def cuda_time_ms(fn, warmup=2, repeats=10):
     """Median time of ``fn`` in ms, CUDA events around each call, after warm-up."""
     for _ in range(warmup):
@@ -113,9 +119,7 @@ def main(argv=None):
         sys.exit("bench.prefill needs a CUDA device and a CUDA build of anchor_ext")
     anchor_ext.set_check_finite(False)  # time the kernels, not the input scan
     results = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
-        "commit": args.commit, "command": " ".join(["python -m bench.prefill"] + (argv or sys.argv[1:])),
+        **environment(), "commit": args.commit, "command": " ".join(["python -m bench.prefill"] + (argv or sys.argv[1:])),
         "shape": {"batch": 1, "q_heads": args.q_heads, "kv_heads": args.kv_heads,
                   "head_dim": args.head_dim, "dtype": "bfloat16", "profile": args.profile},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": [],

@@ -43,3 +43,31 @@ def assert_selection_equal(actual, expected, margin, n, tol=1e-3):
     diff = unpack_bits(actual, n) != unpack_bits(expected, n)
     bad = diff & (margin.to(diff.device) >= tol)
     assert not bad.any(), f"{int(bad.sum())} selection bits differ away from the threshold"
+
+
+def compare_stages_with_reference(q, k, v, theta, geometry, *, anchor_tol, lse_tol, prefill_exact=True):
+    """Each op against anchor_ext.reference, each stage fed the op's own previous output
+    (so one stage's rounding does not hide another's error); returns the selection."""
+    import anchor_ext
+    from anchor_ext import reference as ref
+
+    n = q.shape[2]
+    anchors = anchor_ext.anchor(q, k, **geometry)
+    torch.testing.assert_close(anchors, ref.anchor(q, k, **geometry), rtol=anchor_tol, atol=anchor_tol)
+
+    selection = anchor_ext.identify(q, k, anchors, theta=theta, **geometry)
+    expected, margin = ref.identify(q, k, anchors, theta=theta, return_margin=True, **geometry)
+    assert selection.shape == expected.shape and selection.dtype == torch.int32
+    assert_selection_equal(selection, expected, margin, n)
+
+    out, lse = anchor_ext.sparse_attention(q, k, v, selection, **geometry)
+    out_ref, lse_ref = ref.sparse_attention(q, k, v, selection, **geometry)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    tol = OUT_TOL[q.dtype]
+    torch.testing.assert_close(out.float(), out_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, lse_ref, rtol=lse_tol, atol=lse_tol)
+
+    # prefill is the three stages chained
+    exact = dict(rtol=0, atol=0) if prefill_exact else {}
+    torch.testing.assert_close(anchor_ext.prefill(q, k, v, theta=theta, **geometry), out, **exact)
+    return selection

@@ -7,7 +7,7 @@ import torch
 
 import anchor_ext
 from anchor_ext import reference as ref
-from conftest import OUT_TOL, assert_selection_equal, make_inputs
+from conftest import compare_stages_with_reference, make_inputs
 
 # (batch, q_heads, kv_heads, head_dim): MHA, GQA 4:1, GQA 8:1 (MQA-like)
 HEADS = [(1, 2, 2, 64), (2, 4, 1, 128), (1, 8, 1, 64)]
@@ -23,26 +23,7 @@ def geometry_config(geometry):
 
 
 def run_and_compare(q, k, v, theta, geometry):
-    n = q.shape[2]
-    anchors = anchor_ext.anchor(q, k, **geometry)
-    torch.testing.assert_close(anchors, ref.anchor(q, k, **geometry), rtol=1e-5, atol=1e-5)
-
-    selection = anchor_ext.identify(q, k, anchors, theta=theta, **geometry)
-    expected, margin = ref.identify(q, k, anchors, theta=theta, return_margin=True, **geometry)
-    assert selection.shape == expected.shape and selection.dtype == torch.int32
-    assert_selection_equal(selection, expected, margin, n)
-
-    out, lse = anchor_ext.sparse_attention(q, k, v, selection, **geometry)
-    out_ref, lse_ref = ref.sparse_attention(q, k, v, selection, **geometry)
-    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
-    tol = OUT_TOL[q.dtype]
-    torch.testing.assert_close(out.float(), out_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(lse, lse_ref, rtol=1e-4, atol=1e-4)
-
-    # prefill is exactly the three stages chained
-    torch.testing.assert_close(anchor_ext.prefill(q, k, v, theta=theta, **geometry), out,
-                               rtol=0, atol=0)
-    return selection
+    return compare_stages_with_reference(q, k, v, theta, geometry, anchor_tol=1e-5, lse_tol=1e-4)
 
 
 @pytest.mark.parametrize("heads,n,dtype", list(itertools.product(HEADS, SEQLENS, DTYPES)))
