@@ -8,7 +8,7 @@ tensors (cuDNN backend on CUDA), the speedup, sparsity, mass recall (mean and
 
 On a GPU the default sizes are 8k, 32k and 128k with LLaMA-3.1-8B heads
 (32 q heads, 8 kv heads, D=128, bf16); on a CPU 4k, 8k and 16k with 8 q heads, 2 kv
-heads, which finish in about a minute on 2 cores.
+heads, which finish in about 25 s on 2 cores.
 """
 
 from __future__ import annotations
