@@ -155,8 +155,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
     }
   };
 
-  if constexpr (!kAnchorOnly && !Traits::kPipelineSoftmax) {
-    // One tile at a time: S = Q K^T, softmax, O += P V, each GEMM waited for.
+  if constexpr (kAnchorOnly || !Traits::kPipelineSoftmax) {
+    // One tile at a time: S = Q K^T (stage 1 stops at its row max), softmax,
+    // O += P V, each GEMM waited for.
     Tensor tOrP = make_tensor_like<Element>(tSrS);
     Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tSrS.layout()));
     for (int t = 0;; ++t) {
@@ -168,32 +169,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
       warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      mask(stage, count);
-      float rescale[2];
-      softmax.update(tSrS, rescale);
-      CUTE_UNROLL
-      for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= rescale[row_slot(i)];
-      CUTE_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
-      warpgroup_fence_operand(tOrP_a);
-      warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrVt(_, _, _, stage), tOrO);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      empty[stage].arrive();
-    }
-  } else if constexpr (kAnchorOnly) {
-    for (int t = 0;; ++t) {
-      const int stage = t % kStages;
-      full[stage].wait((t / kStages) & 1);
-      const int count = storage.tile_count[stage];
-      if (count == 0) break;
-      cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
-      warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-      empty[stage].arrive();
-      mask(stage, count);
-      softmax.update_max(tSrS);
+      mask(stage, count);  // reads the stage's key list: before the stage is released
+      if constexpr (kAnchorOnly) {
+        empty[stage].arrive();
+        softmax.update_max(tSrS);
+      } else {
+        float rescale[2];
+        softmax.update(tSrS, rescale);
+        CUTE_UNROLL
+        for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= rescale[row_slot(i)];
+        CUTE_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
+        warpgroup_fence_operand(tOrP_a);
+        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrVt(_, _, _, stage), tOrO);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        empty[stage].arrive();
+      }
     }
   } else {
     // Software pipeline per warpgroup: S(t) = Q K(t)^T is issued together with
