@@ -92,10 +92,15 @@ bool stream_is_capturing(const at::Tensor& t) {
 }
 
 // NaN/Inf in q or k would make every comparison false and silently drop keys.
+// Checked through the min and max only (NaN propagates through both): two
+// reductions, no temporary the size of the input, one host read.
 void check_finite(const at::Tensor& t, const char* name) {
   if (!g_check_finite.load(std::memory_order_relaxed) || t.numel() == 0) return;
   if (stream_is_capturing(t)) return;  // a host read is illegal during graph capture
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), name,
+  const auto [lowest, highest] = at::aminmax(t);
+  const at::Tensor ends = at::stack({lowest, highest}).to(at::kFloat).cpu();
+  const float* end = ends.data_ptr<float>();
+  TORCH_CHECK_VALUE(std::isfinite(end[0]) && std::isfinite(end[1]), name,
                     ": expected finite values, found NaN or Inf");
 }
 
@@ -119,9 +124,11 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, int64_t step,
   geo.init_blocks = static_cast<int>(init_blocks);
   geo.local_blocks = static_cast<int>(local_blocks);
   const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(double(q.size(3)));
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0,
-                    "sm_scale: expected a finite positive number, got ", scale);
+  // The kernels use it as a float: check what they will see (1e40 or 1e-50 would not survive).
   geo.sm_scale = static_cast<float>(scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::isfinite(geo.sm_scale) && geo.sm_scale > 0,
+                    "sm_scale: expected a finite positive number representable as float32, got ",
+                    scale);
   return geo;
 }
 

@@ -81,3 +81,24 @@ def test_cuda_rejects_unsupported():
     q, k, v = make_inputs(1, 2, 1, 64, 64, torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="block_size: the CUDA kernels support 128, got 64"):
         anchor_ext.prefill(q, k, v, block_size=64)
+
+
+@pytest.mark.parametrize("layout", ["row_stride_65", "offset_by_one", "heads_last"])
+def test_unaligned_and_strided_inputs(layout):
+    """Legal layouts whose rows are not 16-byte aligned give the contiguous result."""
+    q, k, v = make_inputs(1, 4, 2, 700, 64, torch.bfloat16, device="cuda", seed=8)
+
+    def relayout(t):
+        if layout == "row_stride_65":
+            wide = torch.empty(*t.shape[:3], 65, dtype=t.dtype, device=t.device)
+        elif layout == "offset_by_one":
+            wide = torch.empty(*t.shape[:3], 66, dtype=t.dtype, device=t.device)[..., 1:]
+        else:
+            return t.transpose(1, 2).contiguous().transpose(1, 2)  # aligned, non-contiguous
+        view = wide[..., :64]
+        view.copy_(t)
+        return view
+
+    expected = anchor_ext.prefill(q, k, v, theta=3.0, step=2)
+    got = anchor_ext.prefill(*(relayout(t) for t in (q, k, v)), theta=3.0, step=2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

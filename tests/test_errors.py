@@ -60,8 +60,10 @@ def test_head_dim_needs_unit_stride(qkv):
     ("step", 0, r"step: expected a positive integer, got 0"),
     ("init_blocks", -1, r"init_blocks: expected a non-negative integer, got -1"),
     ("local_blocks", -2, r"local_blocks: expected a non-negative integer, got -2"),
-    ("sm_scale", 0.0, r"sm_scale: expected a finite positive number, got 0"),
+    ("sm_scale", 0.0, r"sm_scale: expected a finite positive number representable as float32, got 0"),
     ("sm_scale", float("nan"), r"sm_scale: expected a finite positive number"),
+    ("sm_scale", 1e40, r"sm_scale: expected a finite positive number representable as float32"),
+    ("sm_scale", 1e-50, r"sm_scale: expected a finite positive number representable as float32"),
     ("theta", float("nan"), r"theta: expected a number"),
 ])
 def test_bad_options(qkv, name, value, match):

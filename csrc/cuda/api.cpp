@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdint>
 #include <limits>
 
 #include "params.h"
@@ -29,8 +30,29 @@ void check_launch_limits(const at::Tensor& q, const Geometry& geo) {
                     geo.step);
 }
 
+// The kernels copy rows with 16-byte cp.async: a row start must be 16-byte aligned,
+// i.e. the data pointer and every stride but D's a multiple of 8 elements.
+bool rows_are_16b_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+// A contiguous copy of an input whose rows are not 16-byte aligned (e.g. q[..., 1:65]
+// or a row stride of 65): legal inputs, which the copies could not read directly.
+at::Tensor aligned_rows(const at::Tensor& t) { return rows_are_16b_aligned(t) ? t : t.contiguous(); }
+
+void check_device(const at::Tensor& q) {
+  const auto* props = at::cuda::getDeviceProperties(q.device().index());
+  TORCH_CHECK_VALUE(props->major == 9, "q: the anchor_ext CUDA kernels are built for Hopper (sm_90a), got ",
+                    props->name, " (sm_", props->major, props->minor, ")");
+}
+
 QKVParams make_qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                           const Geometry& geo) {
+  check_device(q);
   check_launch_limits(q, geo);
   QKVParams p;
   p.q = q.data_ptr();
@@ -63,8 +85,9 @@ bool stream_is_capturing(const at::Tensor& t) {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-at::Tensor anchor(const at::Tensor& q, const at::Tensor& k, const Geometry& geo) {
-  c10::cuda::CUDAGuard guard(q.device());
+at::Tensor anchor(const at::Tensor& q_in, const at::Tensor& k_in, const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   at::Tensor result = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (result.numel() == 0) return result;
   AttentionParams p;
@@ -75,9 +98,10 @@ at::Tensor anchor(const at::Tensor& q, const at::Tensor& k, const Geometry& geo)
   return result;
 }
 
-at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
+at::Tensor identify(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& anchor_scores,
                     double theta, const Geometry& geo) {
-  c10::cuda::CUDAGuard guard(q.device());
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const int64_t n = q.size(2);
   // Every word is written by the kernel (zeros outside the middle regions).
   at::Tensor selection = at::empty({q.size(0), q.size(1), geo.num_groups(n), selection_words(n)},
@@ -94,11 +118,12 @@ at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return selection;
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& k,
-                                                    const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in,
                                                     const at::Tensor& selection,
                                                     const Geometry& geo) {
-  c10::cuda::CUDAGuard guard(q.device());
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (B, Hq, N, D)
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -113,8 +138,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q, const a
   return {out, lse};
 }
 
-at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
-                   const Geometry& geo) {
+at::Tensor prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                   double theta, const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  // Align once here, so the three stages do not each copy a misaligned input.
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
   const at::Tensor anchors = anchor(q, k, geo);
   const at::Tensor selection = identify(q, k, anchors, theta, geo);
   return std::get<0>(sparse_attention(q, k, v, selection, geo));

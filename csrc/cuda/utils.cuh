@@ -6,17 +6,18 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
-#define ANCHOR_CUDA_CHECK(expr)                                                          \
-  do {                                                                                   \
-    cudaError_t err_ = (expr);                                                           \
-    if (err_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "anchor_ext CUDA error %s at %s:%d\n", cudaGetErrorString(err_), \
-                   __FILE__, __LINE__);                                                  \
-      std::abort();                                                                      \
-    }                                                                                    \
+// Throws (torch turns it into a Python RuntimeError) instead of killing the process.
+#define ANCHOR_CUDA_CHECK(expr)                                                            \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess) {                                                             \
+      throw std::runtime_error(std::string("anchor_ext CUDA error: ") +                    \
+                               cudaGetErrorString(err_) + " at " + __FILE__ + ":" +       \
+                               std::to_string(__LINE__));                                  \
+    }                                                                                      \
   } while (0)
 
 namespace anchor::cuda {
