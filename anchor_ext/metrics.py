@@ -49,6 +49,26 @@ def sparsity(selection: torch.Tensor, n: int, cfg: SparseConfig) -> dict:
     return {"per_head": per_head, "overall": float(per_head.mean())}
 
 
+def _dense_blocks(q, k, selection, cfg: SparseConfig, sm_scale, block_starts):
+    """For each (batch, head) and each query block starting at a row of ``block_starts``:
+    ``(b, h, r0, r1, probs, keep)`` with the block's dense causal fp32 softmax ``probs``
+    over keys ``[0, r1)`` and the boolean mask ``keep`` of the keys stage 3 computes."""
+    bsz, hq, n, d = q.shape
+    group_size = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, h // group_size].float()
+            for r0 in block_starts:
+                r1 = min(n, r0 + cfg.block_size)
+                rows = torch.arange(r0, r1, device=q.device)
+                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
+                probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
+                yield b, h, r0, r1, probs, keep
+
+
 @torch.no_grad()
 def mass_recall(q, k, selection, cfg: SparseConfig, *, sm_scale=None, block_stride=1):
     """Per-row dense softmax mass on the computed keys, fp32 ``(B, Hq, N)``.
@@ -56,22 +76,11 @@ def mass_recall(q, k, selection, cfg: SparseConfig, *, sm_scale=None, block_stri
     With ``block_stride > 1`` only every ``block_stride``-th query block is
     evaluated (others are NaN); :func:`recall_summary` ignores NaN rows.
     """
-    bsz, hq, n, d = q.shape
-    group_size = hq // k.shape[1]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    recall = torch.full((bsz, hq, n), math.nan, dtype=torch.float32, device=q.device)
-    for b in range(bsz):
-        for h in range(hq):
-            kh = k[b, h // group_size].float()
-            for r0 in range(0, n, cfg.block_size * block_stride):
-                r1 = min(n, r0 + cfg.block_size)
-                rows = torch.arange(r0, r1, device=q.device)
-                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
-                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
-                lse = torch.logsumexp(scores.masked_fill(~causal, -math.inf), dim=-1)
-                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
-                kept = torch.logsumexp(scores.masked_fill(~keep, -math.inf), dim=-1)
-                recall[b, h, r0:r1] = torch.exp(kept - lse)
+    n = q.shape[2]
+    recall = torch.full(q.shape[:3], math.nan, dtype=torch.float32, device=q.device)
+    starts = range(0, n, cfg.block_size * block_stride)
+    for b, h, r0, r1, probs, keep in _dense_blocks(q, k, selection, cfg, sm_scale, starts):
+        recall[b, h, r0:r1] = (probs * keep).sum(-1)
     return recall
 
 
@@ -102,26 +111,17 @@ def sampled_quality(q, k, v, out, selection, cfg: SparseConfig, *, sm_scale=None
 
     Returns ``{"recall": recall_summary(...), "error": {"max", "mean"}}``.
     """
-    bsz, hq, n, d = q.shape
+    hq, n = q.shape[1], q.shape[2]
     group_size = hq // k.shape[1]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     num_blocks = -(-n // cfg.block_size)
     picked = sorted({round(i * (num_blocks - 1) / max(1, blocks - 1)) for i in range(min(blocks, num_blocks))})
     recalls, errors = [], []
-    for b in range(bsz):
-        for h in range(hq):
-            kh, vh = k[b, h // group_size].float(), v[b, h // group_size].float()
-            for qb in picked:
-                r0, r1 = qb * cfg.block_size, min(n, (qb + 1) * cfg.block_size)
-                rows = torch.arange(r0, r1, device=q.device)
-                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
-                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
-                probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
-                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
-                recalls.append((probs * keep).sum(-1))
-                dense = probs @ vh[:r1]
-                errors.append((out[b, h, r0:r1].float() - dense).norm(dim=-1) /
-                              dense.norm(dim=-1).clamp_min(1e-12))
+    starts = [qb * cfg.block_size for qb in picked]
+    for b, h, r0, r1, probs, keep in _dense_blocks(q, k, selection, cfg, sm_scale, starts):
+        recalls.append((probs * keep).sum(-1))
+        dense = probs @ v[b, h // group_size, :r1].float()
+        errors.append((out[b, h, r0:r1].float() - dense).norm(dim=-1) /
+                      dense.norm(dim=-1).clamp_min(1e-12))
     err = torch.cat(errors)
     return {"recall": recall_summary(torch.cat(recalls)),
             "error": {"max": float(err.max()), "mean": float(err.mean())}}
