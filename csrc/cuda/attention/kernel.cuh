@@ -155,96 +155,36 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
     }
   };
 
-  if constexpr (kAnchorOnly || !Traits::kPipelineSoftmax) {
-    // One tile at a time: S = Q K^T (stage 1 stops at its row max), softmax,
-    // O += P V, each GEMM waited for.
-    Tensor tOrP = make_tensor_like<Element>(tSrS);
-    Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tSrS.layout()));
-    for (int t = 0;; ++t) {
-      const int stage = t % kStages;
-      full[stage].wait((t / kStages) & 1);
-      const int count = storage.tile_count[stage];
-      if (count == 0) break;
-      cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
-      warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-      mask(stage, count);  // reads the stage's key list: before the stage is released
-      if constexpr (kAnchorOnly) {
-        empty[stage].arrive();
-        softmax.update_max(tSrS);
-      } else {
-        float rescale[2];
-        softmax.update(tSrS, rescale);
-        CUTE_UNROLL
-        for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= rescale[row_slot(i)];
-        CUTE_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
-        warpgroup_fence_operand(tOrP_a);
-        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrVt(_, _, _, stage), tOrO);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        empty[stage].arrive();
-      }
-    }
-  } else {
-    // Software pipeline per warpgroup: S(t) = Q K(t)^T is issued together with
-    // O += P(t-1) V(t-1); the softmax of S(t) overlaps the P V GEMM, and the
-    // ping-pong lets the other warpgroup's GEMMs fill the tensor cores meanwhile.
-    const WarpgroupPingPong<Traits::kPingPong> pingpong{thread / 128};
-    if (pingpong.self == 1) pingpong.pass_turn();  // warpgroup 0 starts
-    Tensor tOrP = make_tensor_like<Element>(tSrS);
-    Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tSrS.layout()));
-    auto to_operand_p = [&] {
-      CUTE_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
-    };
-
-    full[0].wait(0);  // tile 0 always exists: every row sees its diagonal key
+  // One tile at a time: S = Q K^T (stage 1 stops at its row max), softmax,
+  // O += P V, each GEMM waited for.
+  Tensor tOrP = make_tensor_like<Element>(tSrS);
+  Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tSrS.layout()));
+  for (int t = 0;; ++t) {
+    const int stage = t % kStages;
+    full[stage].wait((t / kStages) & 1);
+    const int count = storage.tile_count[stage];
+    if (count == 0) break;
     cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
-    pingpong.wait_turn();
-    warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
-    pingpong.pass_turn();
+    warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
-    mask(0, storage.tile_count[0]);
-    {
+    mask(stage, count);  // reads the stage's key list: before the stage is released
+    if constexpr (kAnchorOnly) {
+      empty[stage].arrive();
+      softmax.update_max(tSrS);
+    } else {
       float rescale[2];
-      softmax.update(tSrS, rescale);  // O is still zero: nothing to rescale
-    }
-    to_operand_p();
-
-    int previous_stage = 0;
-    for (int t = 1;; ++t) {
-      const int stage = t % kStages;
-      full[stage].wait((t / kStages) & 1);
-      const int count = storage.tile_count[stage];
-      const bool has_tile = count > 0;
-      cutlass::arch::fence_view_async_shared();
-      pingpong.wait_turn();
-      if (has_tile) warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-      warpgroup_fence_operand(tOrP_a);
-      warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrVt(_, _, _, previous_stage), tOrO);
-      pingpong.pass_turn();
-      float rescale[2] = {1.f, 1.f};
-      if (has_tile) {
-        warpgroup_wait<1>();  // S(t) is ready; P(t-1) V(t-1) may still run
-        warpgroup_fence_operand(tSrS);
-        mask(stage, count);
-        softmax.update(tSrS, rescale);
-      }
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      empty[previous_stage].arrive();  // K and V of tile t-1 are no longer read
-      if (!has_tile) break;
+      softmax.update(tSrS, rescale);
       CUTE_UNROLL
       for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= rescale[row_slot(i)];
-      to_operand_p();
-      previous_stage = stage;
+      CUTE_UNROLL
+      for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
+      warpgroup_fence_operand(tOrP_a);
+      warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrVt(_, _, _, stage), tOrO);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      empty[stage].arrive();
     }
-    // Warpgroup 1 handed warpgroup 0 one turn more than it took: consume it so
-    // both named barriers end balanced.
-    if (pingpong.self == 0) pingpong.wait_turn();
   }
 
   // ---- epilogue ----

@@ -27,12 +27,6 @@ struct KernelTraits {
   // setmaxnreg budgets: 128 * 72 + 256 * 216 <= 65536 registers per SM.
   static constexpr int kProducerRegisters = 72;
   static constexpr int kConsumerRegisters = 216;
-  // Measured on the H100 (bench/results): ping-pong between the two consumer
-  // warpgroups made stage 3 slower (140 vs 223 TFLOP/s at 128k), so it is off.
-  static constexpr bool kPingPong = false;
-  // Issue S(t) = Q K(t)^T together with O += P(t-1) V(t-1) and overlap the softmax
-  // with the P V GEMM (needs 3 stages: a stage is held one tile longer).
-  static constexpr bool kPipelineSoftmax = false;
   static_assert(kHeadDim == 64 || kHeadDim == 128);
 
   // S = Q K^T: A = Q (smem, K-major), B = K tile (smem, K-major).

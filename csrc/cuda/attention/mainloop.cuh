@@ -73,18 +73,4 @@ __device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, FragA 
   warpgroup_commit_batch();
 }
 
-// Ping-pong between the two consumer warpgroups (named barriers 2 and 3): a
-// warpgroup issues its GEMMs only on its turn, then hands the turn over, so one
-// warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
-template <bool kEnabled>
-struct WarpgroupPingPong {
-  int self;  // consumer warpgroup 0 or 1
-  __device__ void wait_turn() const {
-    if constexpr (kEnabled) asm volatile("bar.sync %0, 256;\n" ::"r"(2 + self));
-  }
-  __device__ void pass_turn() const {
-    if constexpr (kEnabled) asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - self));
-  }
-};
-
 }  // namespace anchor::cuda::attention
