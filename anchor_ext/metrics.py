@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .reference import SparseConfig, computed_mask, middle_range, num_groups, unpack_bits
+from .reference import (SparseConfig, always_pairs_per_group, computed_mask, middle_range, num_groups,
+                        unpack_bits)
 
 __all__ = ["computed_pairs", "sparsity", "mass_recall", "recall_summary", "output_error",
            "sampled_quality"]
@@ -24,21 +25,15 @@ __all__ = ["computed_pairs", "sparsity", "mass_recall", "recall_summary", "outpu
 def computed_pairs(selection: torch.Tensor, n: int, cfg: SparseConfig) -> torch.Tensor:
     """Number of (query, key) pairs stage 3 computes, per (batch, head): float64 ``(B, Hq)``."""
     device = selection.device
-    total = torch.zeros(selection.shape[:2], dtype=torch.float64, device=device)
+    always = always_pairs_per_group(n, cfg)
+    total = torch.full(selection.shape[:2], float(always.sum()), dtype=torch.float64, device=device)
     keys = torch.arange(n, device=device)
     for g in range(num_groups(n, cfg)):
         g0 = cfg.group_start(g)
-        rows = torch.arange(g0, min(n, g0 + cfg.group_rows), device=device, dtype=torch.float64)
-        # Always-computed keys of row i: sink [0, min(S, i+1)) plus local [L, i], minus overlap.
-        sink = torch.clamp(rows + 1, max=cfg.sink_end)
-        local_start = cfg.local_start(g)
-        local = rows + 1 - local_start
-        overlap = torch.clamp(sink - local_start, min=0)
-        always = (sink + local - overlap).sum()
+        rows = min(n, g0 + cfg.group_rows) - g0
         m0, m1 = middle_range(g, cfg)
         in_middle = (keys >= m0) & (keys < m1)
-        stripes = (unpack_bits(selection[:, :, g], n) & in_middle).sum(-1).double() * rows.numel()
-        total += always + stripes
+        total += (unpack_bits(selection[:, :, g], n) & in_middle).sum(-1).double() * rows
     return total
 
 

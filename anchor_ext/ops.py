@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.anchor.*)
+from . import _C  # loading the library registers torch.ops.anchor.*
+from . import dispatch
 from .reference import SparseConfig, num_groups, selection_words
 
-__all__ = ["prefill", "anchor", "identify", "sparse_attention", "built_with_cuda",
+__all__ = ["prefill", "prefill_varlen", "anchor", "identify", "sparse_attention", "built_with_cuda",
            "set_check_finite"]
 
 _GEOMETRY_KEYS = ("block_size", "step", "init_blocks", "local_blocks", "sm_scale")
@@ -63,15 +64,23 @@ def sparse_attention(q, k, v, selection, *, block_size=128, step=16, init_blocks
                                              local_blocks=local_blocks, sm_scale=sm_scale)
 
 
-def prefill(q, k, v, *, method="anchor", return_stats=False, theta=12.0, **options):
-    """Sparse causal attention prefill (AnchorAttention, SPEC §2).
+def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=12.0, **options):
+    """Causal attention prefill, sparse (AnchorAttention, SPEC §2) where that is faster.
 
     Args:
         q: ``(B, Hq, N, D)``; k, v: ``(B, Hkv, N, D)`` with ``Hq % Hkv == 0``. fp16/bf16 on
             CUDA (D in {64, 128}), also fp32 on CPU. Any strides with unit stride on D.
         method: ``"anchor"`` (the only method so far).
-        return_stats: also return a dict with the selection and the fraction of causal
-            (query, key) pairs that were skipped (``sparsity``).
+        path: ``"auto"`` (default): on CUDA, dense attention (cuDNN SDPA) when the
+            sparse path is predicted to be slower: short inputs, or a selection too full
+            to pay off (the rule and its measured constants: :mod:`anchor_ext.dispatch`).
+            ``"sparse"``: always the three sparse stages. ``"dense"``: always dense.
+            On the CPU, ``"auto"`` means ``"sparse"``.
+        return_stats: also return a dict with the path taken (``path``, ``reason``) and,
+            on the sparse path, the selection and the fraction of causal pairs skipped
+            (``sparsity``; 0 on the dense path). The sparse stages then run one by one so
+            their outputs can be returned; ``out`` equals the fused CUDA prefill up to
+            rounding (the fused op keeps a partial output in the input dtype).
         theta: identification threshold in natural-log units (larger keeps more keys).
         **options: ``block_size`` (128), ``step`` (16), ``init_blocks`` (1),
             ``local_blocks`` (1), ``sm_scale`` (``1/sqrt(D)``).
@@ -81,10 +90,28 @@ def prefill(q, k, v, *, method="anchor", return_stats=False, theta=12.0, **optio
     """
     if method != "anchor":
         raise ValueError(f"method: expected 'anchor', got {method!r}")
+    if path not in ("auto", "sparse", "dense"):
+        raise ValueError(f"path: expected 'auto', 'sparse' or 'dense', got {path!r}")
     unknown = set(options) - set(_GEOMETRY_KEYS)
     if unknown:
         raise TypeError(f"prefill() got unexpected options {sorted(unknown)}; "
                         f"expected a subset of {list(_GEOMETRY_KEYS)}")
+    cfg = SparseConfig(*(options.get(key, default) for key, default in
+                         (("block_size", 128), ("step", 16), ("init_blocks", 1), ("local_blocks", 1))))
+    choice = {"path": path, "reason": "requested"}
+    if path != "sparse":
+        if not torch.compiler.is_compiling():
+            # The same checks and messages as the sparse op, whichever path runs.
+            _C.check_prefill_args(q, k, v, float(theta), cfg.block_size, cfg.step, cfg.init_blocks,
+                                  cfg.local_blocks, options.get("sm_scale"))
+        if path == "auto":
+            if q.is_cuda:
+                choice = dispatch.choose_path(q, k, theta, cfg, options.get("sm_scale"))
+            else:
+                choice = {"path": "sparse", "reason": "CPU: the rule applies on CUDA only"}
+    if choice["path"] == "dense":
+        out = dispatch.dense_prefill(q, k, v, options.get("sm_scale"))
+        return (out, {**choice, "sparsity": 0.0}) if return_stats else out
     if not return_stats:
         return torch.ops.anchor.prefill(q, k, v, theta=theta, **options)
     anchors = anchor(q, k, **options)
@@ -92,11 +119,55 @@ def prefill(q, k, v, *, method="anchor", return_stats=False, theta=12.0, **optio
     out, lse = sparse_attention(q, k, v, selection, **options)
     from .metrics import sparsity  # local import: metrics is not needed on the fast path
 
-    cfg = SparseConfig(*(options.get(key, default) for key, default in
-                         (("block_size", 128), ("step", 16), ("init_blocks", 1), ("local_blocks", 1))))
-    stats = {"selection": selection, "lse": lse, "anchor": anchors,
+    stats = {**choice, "selection": selection, "lse": lse, "anchor": anchors,
              "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}
     return out, stats
+
+
+def prefill_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, **kwargs):
+    """Prefill of several prompts packed along the token axis (FlashAttention's varlen layout).
+
+    Args:
+        q: ``(total, Hq, D)``; k, v: ``(total, Hkv, D)``: the sequences' tokens one after the
+            other, sequence ``i`` at rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
+        cu_seqlens: int32/int64 ``(num_seqs + 1,)``, non-decreasing, from 0 to ``total``
+            (CPU or the device of q).
+        max_seqlen: accepted for API compatibility with FlashAttention; not needed.
+        **kwargs: as :func:`prefill` (``method``, ``path``, ``theta``, geometry).
+
+    Returns:
+        ``out`` ``(total, Hq, D)``: each sequence attends causally to itself only.
+
+    Each sequence runs as its own :func:`prefill` on views of the packed tensors (no copies,
+    no padding), so the sparse/dense choice is made per sequence. Reading ``cu_seqlens``
+    costs one host read when it lives on the GPU.
+    """
+    del max_seqlen
+    if "return_stats" in kwargs:
+        raise TypeError("prefill_varlen() does not support return_stats; call prefill per sequence")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a 3-D tensor (total, heads, D), got {shape}")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"k, v: expected {q.shape[0]} rows (the rows of q), got "
+                         f"{k.shape[0]} and {v.shape[0]}")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        raise ValueError("cu_seqlens: expected a 1-D int32/int64 tensor (num_seqs + 1,), got "
+                         f"{cu_seqlens!r:.80}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[0] or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {q.shape[0]} "
+                         f"(the rows of q), got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        # (n, H, D) rows -> (1, H, n, D) views: unit stride on D, as the ops require.
+        seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out[start:end] = prefill(*seq, **kwargs)[0].transpose(0, 1)
+    return out
 
 
 # --------------------------------------------------------------------------------------

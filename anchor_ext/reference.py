@@ -26,6 +26,7 @@ or causally masked, so every key is computed at most once.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ __all__ = [
     "num_groups",
     "selection_words",
     "always_mask",
+    "always_pairs_per_group",
+    "region_pair_counts",
     "middle_range",
     "pack_bits",
     "unpack_bits",
@@ -91,6 +94,35 @@ def middle_range(group: int, cfg: SparseConfig) -> tuple[int, int]:
     start = cfg.sink_end
     end = cfg.group_start(group) - cfg.local_blocks * cfg.block_size
     return start, max(start, end)
+
+
+def always_pairs_per_group(n: int, cfg: SparseConfig) -> torch.Tensor:
+    """Always-computed causal (query, key) pairs of each group, float64 ``(num_groups,)``.
+
+    Row ``i`` of group ``g`` always computes the sink ``[0, min(S, i+1))`` and the local
+    keys ``[L_g, i]``, minus their overlap (SPEC §2).
+    """
+    rows = torch.arange(n, dtype=torch.float64)
+    group = torch.div(rows, cfg.group_rows, rounding_mode="floor")
+    local_start = (group * cfg.group_rows - cfg.local_blocks * cfg.block_size).clamp_min(0)
+    sink = torch.clamp(rows + 1, max=cfg.sink_end)
+    overlap = torch.clamp(sink - local_start, min=0)
+    always = sink + (rows + 1 - local_start) - overlap
+    return torch.zeros(num_groups(n, cfg), dtype=torch.float64).index_add_(0, group.long(), always)
+
+
+@functools.lru_cache(maxsize=64)
+def region_pair_counts(n: int, cfg: SparseConfig) -> tuple[float, float]:
+    """``(always, middle)``: per head, the causal pairs always computed and the pairs in
+    middle regions (each group's rows times its middle keys), i.e. the least and most a
+    selection can add."""
+    always = float(always_pairs_per_group(n, cfg).sum())
+    middle = 0.0
+    for g in range(num_groups(n, cfg)):
+        m0, m1 = middle_range(g, cfg)
+        rows = min(n, cfg.group_start(g) + cfg.group_rows) - cfg.group_start(g)
+        middle += float(rows * (m1 - m0))
+    return always, middle
 
 
 def always_mask(rows: torch.Tensor, n_keys: int, cfg: SparseConfig) -> torch.Tensor:

@@ -74,10 +74,14 @@ def run_case(n, theta, args, q, k, v, dense_ms):
     t_anchor = cuda_time_ms(lambda: anchor_ext.anchor(q, k), repeats=reps)
     t_identify = cuda_time_ms(lambda: anchor_ext.identify(q, k, anchors, theta=theta), repeats=reps)
     t_attn = cuda_time_ms(lambda: anchor_ext.sparse_attention(q, k, v, selection), repeats=reps)
-    t_total = cuda_time_ms(lambda: anchor_ext.prefill(q, k, v, theta=theta), repeats=reps)
+    t_total = cuda_time_ms(lambda: anchor_ext.prefill(q, k, v, theta=theta, path="sparse"),
+                           repeats=reps)
+    # path="auto" (the default): probe, then sparse or cuDNN (anchor_ext.dispatch).
+    _, auto = anchor_ext.prefill(q, k, v, theta=theta, return_stats=True)
+    t_auto = cuda_time_ms(lambda: anchor_ext.prefill(q, k, v, theta=theta), repeats=reps)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    anchor_ext.prefill(q, k, v, theta=theta)
+    anchor_ext.prefill(q, k, v, theta=theta, path="sparse")
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - base
     pairs = metrics.computed_pairs(selection, n, cfg)
@@ -86,7 +90,11 @@ def run_case(n, theta, args, q, k, v, dense_ms):
     row = {
         "n": n, "theta": theta,
         "ms": {"anchor": t_anchor, "identify": t_identify, "sparse_attention": t_attn,
-               "prefill": t_total, **{f"sdpa_{key}": val for key, val in dense_ms.items()}},
+               "prefill": t_total, "prefill_auto": t_auto,
+               **{f"sdpa_{key}": val for key, val in dense_ms.items()}},
+        "auto_path": auto["path"], "auto_predicted_cost": auto.get("predicted_cost"),
+        "auto_probe_fraction": auto.get("probe_fraction"),
+        "speedup_auto_vs_cudnn": dense_ms["cudnn"] / t_auto if dense_ms.get("cudnn") else None,
         "speedup_vs_cudnn": dense_ms["cudnn"] / t_total if dense_ms.get("cudnn") else None,
         "speedup_vs_flash": dense_ms["flash"] / t_total if dense_ms.get("flash") else None,
         "sparsity": sparsity["overall"],
@@ -96,7 +104,8 @@ def run_case(n, theta, args, q, k, v, dense_ms):
         "err_max": quality["error"]["max"], "err_mean": quality["error"]["mean"],
         "computed_pairs": float(pairs.sum()),
         "tflops_stage3": 4 * d * float(pairs.sum()) / (t_attn * 1e-3) / 1e12,
-        "peak_extra_mib": peak_extra / 2**20,
+        "peak_extra_mib": peak_extra / 2**20,  # prefill's allocations, out included
+        "peak_total_mib": (base + peak_extra) / 2**20,  # inputs, out and scratch
         "output_mib": out.numel() * out.element_size() / 2**20,
     }
     return row
@@ -112,6 +121,8 @@ def main(argv=None):
     parser.add_argument("--profile", default="realistic")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quality-blocks", type=int, default=16)
+    parser.add_argument("--flash-max-n", type=int, default=131072,
+                        help="skip the flash SDPA baseline above this N (it is the slow one)")
     parser.add_argument("--commit", default=os.environ.get("ANCHOR_EXT_COMMIT", "unknown"))
     parser.add_argument("--out", default="bench/results/prefill.json")
     args = parser.parse_args(argv)
@@ -129,8 +140,9 @@ def main(argv=None):
         q, k, v = synthetic.make_qkv(n, q_heads=args.q_heads, kv_heads=args.kv_heads,
                                      head_dim=args.head_dim, device="cuda", seed=0,
                                      profile=args.profile)
-        dense_ms = {name: sdpa_time_ms(q, k, v, name, max(3, args.repeats // 2))
-                    for name in ("cudnn", "flash")}
+        dense_reps = max(3, args.repeats // 2) if n <= 131072 else 1
+        dense_ms = {name: sdpa_time_ms(q, k, v, name, dense_reps)
+                    for name in ("cudnn", "flash") if name == "cudnn" or n <= args.flash_max_n}
         for theta in thetas:
             row = run_case(n, theta, args, q, k, v, dense_ms)
             results["rows"].append(row)
@@ -140,7 +152,9 @@ def main(argv=None):
                   f"{ms['sdpa_cudnn'] or float('nan'):7.2f} ms -> {row['speedup_vs_cudnn'] or 0:5.2f}x | "
                   f"sparsity {row['sparsity']:.3f} recall {row['recall_mean']:.4f} "
                   f"(p1 {row['recall_p01']:.3f}) err {row['err_max']:.3f} | "
-                  f"stage3 {row['tflops_stage3']:.0f} TFLOP/s", flush=True)
+                  f"stage3 {row['tflops_stage3']:.0f} TFLOP/s | auto: {row['auto_path']} "
+                  f"{ms['prefill_auto']:7.2f} ms | peak extra {row['peak_extra_mib']:.0f} MiB",
+                  flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

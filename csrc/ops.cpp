@@ -232,14 +232,21 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_op(
   return cpu::sparse_attention(q, k, v, selection, geo);
 }
 
+void check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        double theta, int64_t block_size, int64_t step, int64_t init_blocks,
+                        int64_t local_blocks, std::optional<double> sm_scale) {
+  check_qkv(q, k, &v);
+  check_theta(theta);
+  make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  check_finite(q, "q");
+  check_finite(k, "k");
+}
+
 at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
                       int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
                       std::optional<double> sm_scale) {
-  check_qkv(q, k, &v);
-  check_theta(theta);
+  check_prefill_args(q, k, v, theta, block_size, step, init_blocks, local_blocks, sm_scale);
   const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
-  check_finite(q, "q");
-  check_finite(k, "k");
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA
     return cuda::prefill(q, k, v, theta, geo);

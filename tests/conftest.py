@@ -67,7 +67,10 @@ def compare_stages_with_reference(q, k, v, theta, geometry, *, anchor_tol, lse_t
     torch.testing.assert_close(out.float(), out_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(lse, lse_ref, rtol=lse_tol, atol=lse_tol)
 
-    # prefill is the three stages chained
-    exact = dict(rtol=0, atol=0) if prefill_exact else {}
-    torch.testing.assert_close(anchor_ext.prefill(q, k, v, theta=theta, **geometry), out, **exact)
+    # prefill is the three stages chained (CPU: exactly). On CUDA it fuses stage 1 with
+    # stage 3's always-computed keys and merges the stripes into a partial output kept in
+    # the input dtype, so it equals the chained ops up to that rounding.
+    exact = dict(rtol=0, atol=0) if prefill_exact else dict(rtol=tol, atol=tol)
+    torch.testing.assert_close(anchor_ext.prefill(q, k, v, theta=theta, path="sparse", **geometry), out,
+                               **exact)
     return selection

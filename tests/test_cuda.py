@@ -42,7 +42,7 @@ def test_realistic_inputs_32k(theta):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_theta_huge_equals_dense_sdpa(dtype):
     q, k, v = make_inputs(1, 8, 2, 5000, 128, dtype, device="cuda", seed=4)
-    out = anchor_ext.prefill(q, k, v, theta=1e9)
+    out = anchor_ext.prefill(q, k, v, theta=1e9, path="sparse")
     dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
                                            enable_gqa=True)
     torch.testing.assert_close(out.float(), dense, rtol=OUT_TOL[dtype], atol=OUT_TOL[dtype])
@@ -57,15 +57,15 @@ def test_opcheck_cuda():
 
 def test_prefill_is_graph_capturable():
     q, k, v = make_inputs(1, 4, 2, 3000, 128, torch.bfloat16, device="cuda", seed=5)
-    expected = anchor_ext.prefill(q, k, v, theta=3.0)
+    expected = anchor_ext.prefill(q, k, v, theta=3.0, path="sparse")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        anchor_ext.prefill(q, k, v, theta=3.0)  # warm-up outside capture
+        anchor_ext.prefill(q, k, v, theta=3.0, path="sparse")  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = anchor_ext.prefill(q, k, v, theta=3.0)
+        captured = anchor_ext.prefill(q, k, v, theta=3.0, path="sparse")
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
@@ -99,6 +99,42 @@ def test_unaligned_and_strided_inputs(layout):
         view.copy_(t)
         return view
 
-    expected = anchor_ext.prefill(q, k, v, theta=3.0, step=2)
-    got = anchor_ext.prefill(*(relayout(t) for t in (q, k, v)), theta=3.0, step=2)
+    expected = anchor_ext.prefill(q, k, v, theta=3.0, step=2, path="sparse")
+    got = anchor_ext.prefill(*(relayout(t) for t in (q, k, v)), theta=3.0, step=2, path="sparse")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# path="auto": the dense/sparse rule of anchor_ext.dispatch on real kernels.
+# ----------------------------------------------------------------------------------------
+
+def test_auto_path_short_input_is_dense_sdpa():
+    q, k, v = make_inputs(1, 4, 2, 4096, 128, torch.bfloat16, device="cuda", seed=9)
+    out, stats = anchor_ext.prefill(q, k, v, return_stats=True)
+    assert stats["path"] == "dense" and stats["reason"] == "input too short for sparse to win"
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("profile, expected", [("realistic", "sparse"), ("diffuse", "dense")])
+def test_auto_path_follows_the_probe(profile, expected):
+    from anchor_ext.synthetic import make_qkv
+
+    q, k, v = make_qkv(32768, q_heads=8, kv_heads=2, device="cuda", seed=0, profile=profile)
+    out, stats = anchor_ext.prefill(q, k, v, return_stats=True)
+    assert stats["reason"] == "probe" and stats["path"] == expected, stats
+    if expected == "sparse":  # return_stats runs the stages one by one: equal up to rounding
+        torch.testing.assert_close(out, anchor_ext.prefill(q, k, v, path="sparse"),
+                                   rtol=OUT_TOL[q.dtype], atol=OUT_TOL[q.dtype])
+
+
+def test_auto_path_under_graph_capture_uses_the_bound():
+    q, k, v = make_inputs(1, 4, 2, 40000, 64, torch.bfloat16, device="cuda", seed=10)
+    expected = anchor_ext.prefill(q, k, v, path="sparse")
+    graph = torch.cuda.CUDAGraph()
+    anchor_ext.prefill(q, k, v)  # warm-up
+    with torch.cuda.graph(graph):
+        captured = anchor_ext.prefill(q, k, v)  # no host read possible: the bound decides
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)

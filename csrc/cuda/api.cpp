@@ -1,7 +1,7 @@
 // Host side of the CUDA backend (see api.h): validated tensors in, plain params
 // structs filled, kernels launched on the current stream. No host syncs, and
-// no allocation beyond each op's outputs (prefill adds the anchor, selection
-// and lse buffers: 4·B·Hq·N + 4·B·Hq·groups·ceil(N/32) + 4·B·Hq·N bytes).
+// no allocation beyond each op's outputs (prefill adds the anchor, partial-lse
+// and selection buffers: 4·B·Hq·N + 4·B·Hq·N + 4·B·Hq·groups·ceil(N/32) bytes).
 #include "api.h"
 
 #include <ATen/ATen.h>
@@ -93,7 +93,7 @@ at::Tensor anchor(const at::Tensor& q_in, const at::Tensor& k_in, const Geometry
   AttentionParams p;
   static_cast<QKVParams&>(p) = make_qkv_params(q, k, nullptr, geo);
   p.anchor = result.data_ptr<float>();
-  p.anchor_only = true;
+  p.pass = AttentionPass::kAnchor;
   run_attention(p, at::cuda::getCurrentCUDAStream());
   return result;
 }
@@ -141,11 +141,33 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q_in, cons
 at::Tensor prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                    double theta, const Geometry& geo) {
   c10::cuda::CUDAGuard guard(q_in.device());
-  // Align once here, so the three stages do not each copy a misaligned input.
+  // Align once here, so the passes do not each copy a misaligned input.
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  const at::Tensor anchors = anchor(q, k, geo);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (B, Hq, N, D)
+  if (out.numel() == 0) return out;
+  const auto row_options = q.options().dtype(at::kFloat);
+  at::Tensor anchors = at::empty({q.size(0), q.size(1), q.size(2)}, row_options);
+  at::Tensor partial_lse = at::empty({q.size(0), q.size(1), q.size(2)}, row_options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // Pass 1 (stage 1 fused with stage 3's always-computed part): anchors, plus the
+  // softmax over the always-computed keys, kept as out (normalised) and partial_lse.
+  AttentionParams p;
+  static_cast<QKVParams&>(p) = make_qkv_params(q, k, &v, geo);
+  p.pass = AttentionPass::kAlwaysPartial;
+  p.out = out.data_ptr();
+  p.anchor = anchors.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  run_attention(p, stream);
+
+  // Stage 2, then pass 2: the selected stripes, merged into out.
   const at::Tensor selection = identify(q, k, anchors, theta, geo);
-  return std::get<0>(sparse_attention(q, k, v, selection, geo));
+  p.pass = AttentionPass::kStripesMerge;
+  p.selection = reinterpret_cast<const uint32_t*>(selection.data_ptr<int32_t>());
+  p.num_groups = selection.size(2), p.num_words = selection.size(3);
+  p.anchor = nullptr;
+  run_attention(p, stream);
+  return out;
 }
 
 }  // namespace anchor::cuda

@@ -26,18 +26,27 @@ struct QKVParams {
   ANCHOR_HD int q_heads_per_kv() const { return q_heads / kv_heads; }
 };
 
-// Stage 1 (anchor_only) and stage 3 share one kernel: both walk a query block's
-// key list; stage 1 walks only the always-computed keys and keeps row maxima.
+// What one launch of the gather-attention kernel walks and produces. Stages 1
+// and 3 share the kernel: each pass walks a query block's key list.
+enum class AttentionPass : int {
+  kAnchor = 0,         // stage 1 op: always-computed keys, row maxima only (no V)
+  kAll = 1,            // stage 3 op: always-computed keys + stripes -> out, lse
+  // prefill's fused pair, so the always-computed region is walked once, not twice:
+  kAlwaysPartial = 2,  // always-computed keys, full softmax -> anchor, partial out, partial_lse
+  kStripesMerge = 3,   // stripes only, starting from the partial state -> out
+};
+
 struct AttentionParams : QKVParams {
-  // Selection bitmask (B, Hq, num_groups, num_words), contiguous; read in stage 3.
+  AttentionPass pass = AttentionPass::kAll;
+  // Selection bitmask (B, Hq, num_groups, num_words), contiguous; read by kAll, kStripesMerge.
   const uint32_t* selection = nullptr;
   int64_t num_groups = 0, num_words = 0;
-  // Stage 3 outputs: out (B, Hq, N, D) contiguous in the input dtype, lse (B, Hq, N).
+  // out (B, Hq, N, D) contiguous in the input dtype: written by kAll and kAlwaysPartial
+  // (normalised over the always-computed keys), read then rewritten by kStripesMerge.
   void* out = nullptr;
-  float* lse = nullptr;
-  // Stage 1 output: anchor (B, Hq, N) fp32 natural-log units.
-  float* anchor = nullptr;
-  bool anchor_only = false;
+  float* lse = nullptr;          // (B, Hq, N) natural log, optional (kAll, kStripesMerge)
+  float* anchor = nullptr;       // (B, Hq, N) fp32 natural-log row maxima (kAnchor, kAlwaysPartial)
+  float* partial_lse = nullptr;  // (B, Hq, N) log2 units: log-sum-exp of the always-computed keys
 };
 
 // Stage 2: per (batch, group, q heads of one kv head), stripe votes written as the bitmask.

@@ -11,8 +11,13 @@
 //                    O += P V on wgmma, online softmax in registers.
 //   epilogue       : O / rowsum -> out (input dtype), lse; or the row max (stage 1)
 //
-// kAnchorOnly = true is stage 1: the same walk over the always-computed keys
-// only, keeping row maxima (no V, no P V).
+// AttentionPass (params.h) picks the walk: kAnchor is stage 1 (always-computed
+// keys, row maxima only, no V); kAll is stage 3. prefill runs kAlwaysPartial
+// (always-computed keys with the full softmax, writing the anchors on the way)
+// and, after identification, kStripesMerge, which starts from that partial
+// softmax state (the partial output counts as one key of score partial_lse and
+// value O_partial) and adds the stripes: the always-computed region, the larger
+// part of the work at moderate N, is then walked once instead of twice.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -35,8 +40,12 @@ __device__ __forceinline__ void producer_barrier_sync(int threads) {
   asm volatile("bar.sync 1, %0;\n" ::"r"(threads));  // id 1: the producer warpgroup only
 }
 
-template <class Traits, bool kAnchorOnly>
+template <class Traits, AttentionPass kPass>
 __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(const AttentionParams p) {
+  constexpr bool kAnchorOnly = kPass == AttentionPass::kAnchor;  // row maxima, no V
+  constexpr KeyListMode kKeys = kPass == AttentionPass::kAll            ? KeyListMode::kAll
+                                : kPass == AttentionPass::kStripesMerge ? KeyListMode::kStripesOnly
+                                                                        : KeyListMode::kAlwaysComputed;
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
@@ -77,9 +86,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
     const auto* v = static_cast<const Element*>(p.v) + tile.batch * p.v_batch_stride + kv_head * p.v_head_stride;
     const int64_t group = r0 / geo.group_rows();
     const uint32_t* group_words =
-        kAnchorOnly ? nullptr
-                    : p.selection + ((int64_t(tile.batch) * p.q_heads + tile.head) * p.num_groups + group) * p.num_words;
-    KeyListProducer<kBlockN> key_list(geo, r0, r1, group_words);
+        kKeys == KeyListMode::kAlwaysComputed
+            ? nullptr
+            : p.selection + ((int64_t(tile.batch) * p.q_heads + tile.head) * p.num_groups + group) * p.num_words;
+    KeyListProducer<kBlockN> key_list(geo, r0, r1, group_words, kKeys);
 
     // Q rows past the sequence end are zero-filled and never stored; Q lands with stage 0.
     gather_rows<kProducerThreads, kBlockM, kHeadDim>(
@@ -138,8 +148,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
 
   // Rows of this thread's two row slots (softmax.cuh: element i is in slot (i / 2) % 2).
   const int64_t my_row[2] = {r0 + get<0>(tScS(0)), r0 + get<0>(tScS(2))};
-  // Stage 1 keeps natural-log row maxima; stage 3 works in log2 units.
+  // Stage 1 keeps natural-log row maxima; the other passes work in log2 units.
   OnlineSoftmax softmax{kAnchorOnly ? geo.sm_scale : geo.sm_scale * kLog2e};
+  const int64_t row_base = (int64_t(tile.batch) * p.q_heads + tile.head) * p.seqlen;
+  const bool quad_leader = thread % 4 == 0;
+  auto* out = static_cast<Element*>(p.out) + row_base * kHeadDim;
+  if constexpr (kPass == AttentionPass::kStripesMerge) {
+    // Resume from the always-computed keys' softmax: their normalised output O_p
+    // and log-sum-exp L_p act as one key of score L_p and value O_p (weight 2^L_p),
+    // so the online updates below merge the stripes in exactly.
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) {
+      const int64_t row = r0 + get<0>(tOcO(i));
+      tOrO(i) = row < r1 ? float(out[row * kHeadDim + get<1>(tOcO(i))]) : 0.f;
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      softmax.row_max[r] = my_row[r] < r1 ? p.partial_lse[row_base + my_row[r]] : 0.f;
+      softmax.row_sum[r] = quad_leader ? 1.f : 0.f;  // the quad's partial sums add up to 1
+    }
+  }
 
   // Mask empty slots (the tail of a tile closed early) and, on tiles that reach
   // the diagonal, keys after the row. Stripe tiles need no key lookup.
@@ -159,8 +187,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
   // O += P V, each GEMM waited for.
   Tensor tOrP = make_tensor_like<Element>(tSrS);
   Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tSrS.layout()));
-  for (int t = 0;; ++t) {
-    const int stage = t % kStages;
+  int tiles = 0;
+  for (;; ++tiles) {
+    const int t = tiles, stage = t % kStages;
     full[stage].wait((t / kStages) & 1);
     const int count = storage.tile_count[stage];
     if (count == 0) break;
@@ -188,8 +217,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
   }
 
   // ---- epilogue ----
-  const int64_t row_base = (int64_t(tile.batch) * p.q_heads + tile.head) * p.seqlen;
-  const bool quad_leader = thread % 4 == 0;
+  if (kPass == AttentionPass::kStripesMerge && tiles == 0) return;  // no stripes: out is final
   if constexpr (kAnchorOnly) {
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -201,11 +229,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
     for (int r = 0; r < 2; ++r) {
       const float sum = quad_sum(softmax.row_sum[r]);
       inv_sum[r] = 1.f / sum;  // every row sees at least its diagonal key, so sum >= 1
-      if (quad_leader && my_row[r] < r1 && p.lse != nullptr) {
-        p.lse[row_base + my_row[r]] = (softmax.row_max[r] + __log2f(sum)) / kLog2e;
+      if (!quad_leader || my_row[r] >= r1) continue;
+      const float lse_log2 = softmax.row_max[r] + __log2f(sum);
+      if constexpr (kPass == AttentionPass::kAlwaysPartial) {
+        p.partial_lse[row_base + my_row[r]] = lse_log2;
+        p.anchor[row_base + my_row[r]] = softmax.row_max[r] / kLog2e;  // natural-log row max
+      } else if (p.lse != nullptr) {
+        p.lse[row_base + my_row[r]] = lse_log2 / kLog2e;
       }
     }
-    auto* out = static_cast<Element*>(p.out) + row_base * kHeadDim;
     // Elements 2j and 2j+1 are neighbouring columns of one row: store them as a pair.
     CUTE_UNROLL
     for (int i = 0; i < size(tOrO); i += 2) {
@@ -219,11 +251,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
   }
 }
 
-template <bool kIsBf16, int kHeadDim, bool kAnchorOnly>
+template <bool kIsBf16, int kHeadDim, AttentionPass kPass>
 void launch_gather_attention(const AttentionParams& p, cudaStream_t stream) {
   using Traits = KernelTraits<kIsBf16, kHeadDim>;
   constexpr size_t kSmem = sizeof(typename Traits::SharedStorage);
-  auto kernel = gather_attention_kernel<Traits, kAnchorOnly>;
+  auto kernel = gather_attention_kernel<Traits, kPass>;
   ANCHOR_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   const dim3 grid = CausalTileScheduler::grid(int(p.geo.num_q_blocks(p.seqlen)), p.q_heads, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
@@ -236,10 +268,16 @@ namespace anchor::cuda {
 
 template <bool kIsBf16, int kHeadDim>
 void run_attention_(const AttentionParams& p, cudaStream_t stream) {
-  if (p.anchor_only) {
-    attention::launch_gather_attention<kIsBf16, kHeadDim, true>(p, stream);
-  } else {
-    attention::launch_gather_attention<kIsBf16, kHeadDim, false>(p, stream);
+  using attention::launch_gather_attention;
+  switch (p.pass) {
+    case AttentionPass::kAnchor:
+      return launch_gather_attention<kIsBf16, kHeadDim, AttentionPass::kAnchor>(p, stream);
+    case AttentionPass::kAll:
+      return launch_gather_attention<kIsBf16, kHeadDim, AttentionPass::kAll>(p, stream);
+    case AttentionPass::kAlwaysPartial:
+      return launch_gather_attention<kIsBf16, kHeadDim, AttentionPass::kAlwaysPartial>(p, stream);
+    case AttentionPass::kStripesMerge:
+      return launch_gather_attention<kIsBf16, kHeadDim, AttentionPass::kStripesMerge>(p, stream);
   }
 }
 

@@ -5,7 +5,9 @@
 //   2. the selected stripes  bits of the group's bitmask inside [sink_end, middle_end(g))
 //   3. the local keys        [local_start(g), r1)
 // When the sink and local ranges touch there is no middle region and the list is
-// simply [0, r1). Stage 1 (anchor) skips part 2.
+// simply [0, r1). KeyListMode picks the parts: all three (stage 3), the
+// always-computed parts 1 and 3 (stage 1, prefill's first pass), or the stripes
+// alone (prefill's second pass).
 //
 // Each call of next_tile() fills kSlots key positions (ascending; -1 marks an
 // empty slot). Stripes are compacted straight from the bitmask: each lane takes
@@ -22,6 +24,8 @@
 
 namespace anchor::cuda::attention {
 
+enum class KeyListMode : int { kAll, kAlwaysComputed, kStripesOnly };
+
 template <int kSlots>
 struct KeyListProducer {
   enum Segment : int { kSink = 0, kStripes = 1, kLocal = 2, kDone = 3 };
@@ -32,12 +36,14 @@ struct KeyListProducer {
   const uint32_t* words;     // the group's bitmask, or null for stage 1
   uint32_t window = 0;       // lane l holds word next + l while segment == kStripes
 
-  __device__ KeyListProducer(const Geometry& geo, int64_t r0, int64_t r1, const uint32_t* group_words) {
+  // group_words: the group's bitmask (ignored for kAlwaysComputed).
+  __device__ KeyListProducer(const Geometry& geo, int64_t r0, int64_t r1, const uint32_t* group_words,
+                             KeyListMode mode) {
     const int64_t group = r0 / geo.group_rows();
     rows_end = r1;
     local_start = geo.local_start(group);
     sink_end = geo.sink_end() < r1 ? geo.sink_end() : r1;
-    words = group_words;
+    words = mode == KeyListMode::kAlwaysComputed ? nullptr : group_words;
     const int64_t middle_end = geo.middle_end(group);
     if (local_start <= sink_end) {  // no middle region: one dense range [0, r1)
       sink_end = r1;
@@ -48,6 +54,12 @@ struct KeyListProducer {
     }
     segment = kSink;
     next = 0;
+    if (mode == KeyListMode::kStripesOnly) {
+      // Skip the sink (advance() starts the stripes at the real sink_end) and leave
+      // an empty local range, so the walk stops after the stripes.
+      local_start = rows_end;
+      advance();
+    }
   }
 
   // Fills `slots` (kSlots entries). Returns the number of keys placed; all lanes

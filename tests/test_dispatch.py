@@ -1,0 +1,85 @@
+"""The path="auto" rule (anchor_ext.dispatch) and the dense path, on the CPU.
+
+The CUDA side (probe on real kernels, graph capture) is in test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anchor_ext
+from anchor_ext import dispatch, reference as ref
+from anchor_ext.metrics import computed_pairs
+from anchor_ext.reference import SparseConfig
+
+from conftest import make_inputs
+
+GEOMETRIES = [SparseConfig(), SparseConfig(64, 2, 1, 1), SparseConfig(32, 3, 2, 0),
+              SparseConfig(16, 1, 0, 2)]
+
+
+@pytest.mark.parametrize("cfg", GEOMETRIES)
+@pytest.mark.parametrize("n", [1, 100, 1000, 5000])
+def test_region_pair_counts_match_the_masks(cfg, n):
+    """always = pairs of always_mask; always + middle = pairs of a full selection."""
+    rows = torch.arange(n)
+    always = int(ref.always_mask(rows, n, cfg).sum())
+    full = torch.full((1, 1, ref.num_groups(n, cfg), ref.selection_words(n)), -1, dtype=torch.int32)
+    counted_always, counted_middle = ref.region_pair_counts(n, cfg)
+    assert counted_always == always
+    assert counted_always + counted_middle == float(computed_pairs(full, n, cfg)[0, 0])
+
+
+@pytest.mark.parametrize("cfg", GEOMETRIES[:2])
+def test_selected_fraction_counts_bits(cfg):
+    n = 3000
+    q, k, _ = make_inputs(2, 4, 2, n, 16, seed=3)
+    selection = ref.identify(q, k, ref.anchor(q, k, block_size=cfg.block_size, step=cfg.step),
+                             theta=10.0, block_size=cfg.block_size, step=cfg.step)
+    bits = ref.unpack_bits(selection, n).sum()
+    middle = sum(end - start for start, end in
+                 (ref.middle_range(g, cfg) for g in range(ref.num_groups(n, cfg))))
+    expected = float(bits) / (middle * 2 * 4)
+    assert 0 < expected < 1
+    assert float(dispatch.selected_fraction(selection, n, cfg)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_rule_goes_dense_for_short_inputs_and_full_selections():
+    cfg = SparseConfig()
+    assert dispatch.decide(8192, cfg)["path"] == "dense"
+    assert dispatch.decide(12288, cfg)["path"] == "dense"
+    assert dispatch.decide(16384, cfg)["path"] == "probe"
+    # A diffuse input (every middle key selected) is dense at any length ...
+    for n in (32768, 131072, 1 << 20):
+        assert dispatch.decide(n, cfg, probe_fraction=1.0)["path"] == "dense"
+    # ... a concentrated one is sparse, and the prediction grows with the selection.
+    assert dispatch.decide(131072, cfg, probe_fraction=0.1)["path"] == "sparse"
+    costs = [dispatch.predicted_cost(131072, cfg, f) for f in (0.0, 0.1, 0.3, 1.0)]
+    assert costs == sorted(costs)
+    assert dispatch.decide(131072, cfg, can_probe=False)["path"] == "sparse"
+    assert dispatch.decide(8192, cfg, can_probe=False)["path"] == "dense"
+
+
+def test_cpu_auto_is_sparse_and_dense_path_is_exact():
+    q, k, v = make_inputs(1, 4, 2, 300, 32, seed=1)
+    out, stats = anchor_ext.prefill(q, k, v, theta=3.0, return_stats=True, step=2, block_size=64)
+    assert stats["path"] == "sparse" and 0 < stats["sparsity"] < 1
+    torch.testing.assert_close(out, ref.prefill(q, k, v, theta=3.0, step=2, block_size=64))
+    out, stats = anchor_ext.prefill(q, k, v, path="dense", return_stats=True)
+    assert stats == {"path": "dense", "reason": "requested", "sparsity": 0.0}
+    torch.testing.assert_close(out, ref.dense_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_dense_path_checks_inputs_like_the_sparse_path():
+    q, k, v = make_inputs(1, 4, 2, 100, 32, seed=2)
+    with pytest.raises(ValueError, match="path: expected 'auto', 'sparse' or 'dense', got 'fast'"):
+        anchor_ext.prefill(q, k, v, path="fast")
+    with pytest.raises(ValueError, match="k: the number of kv heads must divide"):
+        anchor_ext.prefill(q, k[:, :1].expand(1, 3, 100, 32), v[:, :1].expand(1, 3, 100, 32),
+                           path="dense")
+    q[0, 0, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match="q: expected finite values"):
+        anchor_ext.prefill(q, k, v, path="dense")
+    with pytest.raises(ValueError, match="theta"):
+        anchor_ext.prefill(q.nan_to_num(), k, v, path="dense", theta=float("nan"))
