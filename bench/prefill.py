@@ -155,11 +155,12 @@ def main(argv=None):
                   f"stage3 {row['tflops_stage3']:.0f} TFLOP/s | auto: {row['auto_path']} "
                   f"{ms['prefill_auto']:7.2f} ms | peak extra {row['peak_extra_mib']:.0f} MiB",
                   flush=True)
+            # Written after every case, so a run cut short by a time limit keeps what it measured.
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
         del q, k, v
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
     return results
 
