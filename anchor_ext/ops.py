@@ -70,7 +70,13 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     Args:
         q: ``(B, Hq, N, D)``; k, v: ``(B, Hkv, N, D)`` with ``Hq % Hkv == 0``. fp16/bf16 on
             CUDA (D in {64, 128}), also fp32 on CPU. Any strides with unit stride on D.
-        method: ``"anchor"`` (the only method so far).
+        method: ``"anchor"`` (stripes from block-mean queries, SPEC §2); ``"skeleton"``
+            (SparseSkeleton's decomposition, SPEC §3, :mod:`anchor_ext.skeleton`: needs
+            ``rope_base``, takes ``rotary_dim``, ``eps``, ``sparsity``, ``granularity``;
+            geometry ``step`` defaults to 1); ``"hybrid"``: the union of both selections
+            (same options; ``theta`` for the anchor part). Skeleton and hybrid identify
+            with pure-PyTorch code (any device, no CUDA graph capture) and share the
+            stage-3 kernel; ``path="auto"`` is not applied to them.
         path: ``"auto"`` (default): on CUDA, dense attention (cuDNN SDPA) when the
             sparse path is predicted to be slower: short inputs, or a selection too full
             to pay off (the rule and its measured constants: :mod:`anchor_ext.dispatch`).
@@ -88,10 +94,13 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     Returns:
         ``out`` like ``q``; or ``(out, stats)`` with ``return_stats=True``.
     """
-    if method != "anchor":
-        raise ValueError(f"method: expected 'anchor', got {method!r}")
+    if method not in ("anchor", "skeleton", "hybrid"):
+        raise ValueError(f"method: expected 'anchor', 'skeleton' or 'hybrid', got {method!r}")
     if path not in ("auto", "sparse", "dense"):
         raise ValueError(f"path: expected 'auto', 'sparse' or 'dense', got {path!r}")
+    if method != "anchor":
+        return _prefill_skeleton(q, k, v, method=method, path=path, return_stats=return_stats,
+                                 theta=theta, **options)
     unknown = set(options) - set(_GEOMETRY_KEYS)
     if unknown:
         raise TypeError(f"prefill() got unexpected options {sorted(unknown)}; "
@@ -122,6 +131,45 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     stats = {**choice, "selection": selection, "lse": lse, "anchor": anchors,
              "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}
     return out, stats
+
+
+_SKELETON_KEYS = ("rope_base", "rotary_dim", "eps", "sparsity", "granularity", "samples", "ridge",
+                  "seed")
+
+
+def _prefill_skeleton(q, k, v, *, method, path, return_stats, theta, **options):
+    """``prefill`` for ``method="skeleton"`` / ``"hybrid"``: selection by
+    :func:`anchor_ext.skeleton.select` (OR-ed with anchor's for hybrid), then stage 3."""
+    from . import skeleton
+    from .metrics import sparsity
+
+    unknown = set(options) - set(_GEOMETRY_KEYS) - set(_SKELETON_KEYS)
+    if unknown:
+        raise TypeError(f"prefill(method={method!r}) got unexpected options {sorted(unknown)}; "
+                        f"expected a subset of {list(_GEOMETRY_KEYS + _SKELETON_KEYS)}")
+    if options.get("rope_base") is None:
+        raise ValueError(f"rope_base: method={method!r} unRoPEs the keys and needs the model's "
+                         "RoPE base (e.g. 500000.0 for LLaMA-3.1), got None")
+    geometry = {key: options[key] for key in _GEOMETRY_KEYS if key in options}
+    geometry.setdefault("step", 1)
+    if path == "dense":
+        _C.check_prefill_args(q, k, v, float(theta), geometry.get("block_size", 128), geometry["step"],
+                              geometry.get("init_blocks", 1), geometry.get("local_blocks", 1),
+                              geometry.get("sm_scale"))
+        out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
+        return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
+    skeleton_options = {key: options[key] for key in _SKELETON_KEYS if key in options}
+    selection = skeleton.select(q, k, **skeleton_options, **geometry)
+    if method == "hybrid":
+        selection = selection | identify(q, k, anchor(q, k, **geometry), theta=theta, **geometry)
+    out, lse = sparse_attention(q, k, v, selection, **geometry)
+    if not return_stats:
+        return out
+    cfg = SparseConfig(*(geometry.get(key, default) for key, default in
+                         (("block_size", 128), ("step", 1), ("init_blocks", 1), ("local_blocks", 1))))
+    return out, {"path": "sparse", "reason": "requested" if path == "sparse" else
+                 f"method={method!r} always runs sparse", "selection": selection, "lse": lse,
+                 "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}
 
 
 def prefill_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, **kwargs):

@@ -35,7 +35,28 @@ named components, each modelled on what is seen in real long-context LLMs
 
 Profiles: ``"realistic"`` (default; concentrated heads as above) and
 ``"diffuse"`` (weak sink/locality/stripes: a head needs a large share of its keys
-for 95% of the mass, for testing the dense-fallback regime).
+for 95% of the mass, for testing the dense-fallback regime). Three more profiles
+add head types whose mass is not on a few key columns (``HEAD_TYPES``):
+``"slash"`` (every head), ``"staircase"`` (every head) and ``"mixed"`` (q head
+``h``: ``h % 4 == 1`` slash, ``h % 4 == 2`` staircase, the others realistic).
+
+* **Slash heads** (mass on diagonals ``i - j = o_k``): every key gets a flat
+  positional component over the RoPE pairs with ``theta_f >= SLASH_MIN_FREQ``, in
+  phase with its locality vector ``c`` (``c_key``); a slash query's fast part is
+  ``zq_f = W_f / conj(c_key_f)`` with ``W_f = a g_f sum_k w_k e^{-i o_k theta_f}``, so
+  its RoPE score is ``a sum_k w_k sum_f g_f cos((i-j-o_k) theta_f)``: 2-3 lines at
+  offsets drawn in ``SLASH_OFFSET_RANGE`` (256-4096), peak logit ``SLASH_GAP`` below
+  the sink, about 4 tokens wide, with the RoPE ripples of such a sum (std ~0.15 of
+  the peak) as fainter slashes. Their heavy hitters and locality are lowered.
+* **Staircase heads** (mass on the row's own document): every topic segment is a
+  document with a random unit vector in the medium RoPE pairs (``DOC_FREQ_MAX``,
+  slow over a segment); keys carry their document's vector, staircase queries their
+  own, worth ``STAIRCASE_LOGIT`` (9-11); their locality and heavy hitters are small.
+* Realistic heads of these profiles read ``c_key`` with ``W_f = a |c_f|^2`` (the
+  flat part compensated), so they keep the realistic locality kernel.
+
+The extra components come from a second generator (``seed + EXTRA_SEED``): the base
+draws, and "realistic" / "diffuse" themselves, are unchanged.
 
 Magnitudes are bounded (|q|, |k| entries stay well below 100; typical entries
 are O(1), the largest ones on the sink key about 10-20), so fp16/bf16 are finite.
@@ -68,6 +89,42 @@ plus the group's selected stripes):
   stripes carry about 12% of those rows' mass, so identification matters.
 * diffuse: theta=12 selects 100% of the middle region (recall 1.0); always-only
   recall is 0.33 on rows with a middle region.
+
+New profiles, same call and statistics (the ``python -m anchor_ext.synthetic``
+table above, ``--profile``):
+
+=============  ==========================  ==========================  =========
+profile, n     keys for 95% mass, median   rows whose argmax is in     sink mass
+               over heads (mean)           sink block or local region
+=============  ==========================  ==========================  =========
+mixed 4k       1.00% (2.38%)               95.4%                       42%
+mixed 16k      0.86% (1.44%)               84.9%                       21%
+slash 4k       0.86% (1.00%)               91.3%                       36%
+slash 16k      0.48% (0.73%)               81.7%                       29%
+staircase 4k   4.67% (5.26%)               93.1%                       52%
+staircase 16k  3.19% (3.27%)               93.4%                       29%
+=============  ==========================  ==========================  =========
+
+On ``make_qkv(8192, q_heads=4, kv_heads=1, seed=0, profile=...)``, rows >= 4096: the
+four slash heads put 24%, 72%, 27% and 100% of the mass at offsets >= 300 (the lines
+and their neighbours; the strongest single offset holds 8%, 12%, 1.3% and 61%), the
+staircase heads 93-98% on the row's own document, about 60% beyond the last 128 keys.
+Sparsity / mass recall (every 4th query block) of the stage-3 selections, anchor
+``reference.identify`` theta=12 vs ``skeleton.select``:
+
+=========  ===============  ===============  ======================================
+profile    anchor step 16   anchor step 1    skeleton step 1 (key granularity) at
+                                             anchor step 1's sparsity
+=========  ===============  ===============  ======================================
+realistic  0.645 / 0.9995   0.914 / 0.9994   0.914 / 0.9993
+slash      0.663 / 0.810    0.909 / 0.566    0.909 / 0.701
+staircase  0.544 / 0.9999   0.814 / 0.998    0.814 / 0.810
+mixed      0.627 / 0.979    0.887 / 0.934    0.887 / 0.903
+=========  ===============  ===============  ======================================
+
+(anchor's mean query of a 128-row block averages the fast RoPE pairs that carry
+the slash lines away; skeleton's slash/vertical/horizontal model cannot express a
+per-document block.)
 
 Generation time on this 2-core CPU: ``make_qkv(32768)`` (32 q heads, 8 kv heads,
 D=128, bf16) takes about 2.5 s.
@@ -157,6 +214,45 @@ PROFILES = {
 DIFFUSE_HEAD_SHARE = 0.125
 DIFFUSE_HEAD_DROP = 5.0
 
+# ---- head types of the "mixed", "slash" and "staircase" profiles (realistic + extras)
+
+#: q head ``h`` has type ``HEAD_TYPES[profile][h % len(...)]`` (GQA groups of 4 get one of each
+#: in "mixed"). "realistic" heads are drawn as in the "realistic" profile.
+HEAD_TYPES = {
+    "mixed": ("realistic", "slash", "staircase", "realistic"),
+    "slash": ("slash",),
+    "staircase": ("staircase",),
+}
+#: Slash heads use the RoPE pairs with frequency >= this (about 23 pairs at D=128): their
+#: kernel sum_f cos((o - o_k) theta_f) / F is 1 at the line, >= 0.5 within ~4 tokens, and
+#: ripples with std ~0.15 (max ~0.5) elsewhere -- a sharp line plus faint RoPE slashes.
+SLASH_MIN_FREQ = 0.01
+#: Key-side norm of the flat positional component every key gets in these profiles (over
+#: the slash pairs), so that a query can place a line at any offset.
+SLASH_KEY_NORM = 16.0
+#: Lines per slash head, their offsets (log-uniform, tokens) and relative weights.
+SLASH_LINES = (2, 3)
+SLASH_OFFSET_RANGE = (256.0, 4096.0)
+SLASH_LINE_WEIGHT = (0.85, 1.0)
+#: Slash peak logit as a gap below the head's sink logit, and how much the slash heads'
+#: heavy-hitter and locality logits are lowered (the lines take their place).
+SLASH_GAP = (0.0, 2.0)
+SLASH_OTHER_DROP = 4.0
+#: Staircase ("document") heads: every topic segment is a document with its own random
+#: vector in the medium RoPE pairs (SLOW_FREQ_MAX < theta_f <= DOC_FREQ_MAX: they turn by at
+#: most ~0.6 rad over a 2048-token segment), on keys with norm DOC_KEY_NORM; a staircase
+#: query carries its own document's vector, so a row attends to its document so far.
+DOC_FREQ_MAX = 3e-4
+DOC_KEY_NORM = 6.0
+#: Same-document logit of staircase heads, and their (small) locality peak and
+#: heavy-hitter logits: the staircase takes their place.
+STAIRCASE_LOGIT = (9.0, 11.0)
+STAIRCASE_LOCAL = (0.0, 2.0)
+STAIRCASE_STRIPE = (1.0, 3.0)
+#: Seed offset of the generator of the extra components (the base draws stay those of
+#: "realistic" for the same seed).
+EXTRA_SEED = 7919
+
 
 # --------------------------------------------------------------------------- RoPE
 
@@ -194,15 +290,18 @@ def _pair_dims(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat([pairs, pairs + head_dim // 2])
 
 
-def _segments(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Topic id ``(n,)`` per position: random-length segments with random topics."""
+def _segments(n: int, gen: torch.Generator, with_ids: bool = False):
+    """Topic id ``(n,)`` per position: random-length segments with random topics.
+
+    With ``with_ids=True`` also returns the segment index ``(n,)`` of every position.
+    """
     lo, hi = SEGMENT_LEN_RANGE
     count = n // lo + 2  # enough segments to cover n even if all are shortest
     lengths = torch.randint(lo, hi + 1, (count,), generator=gen)
     topics = torch.randint(0, NUM_TOPICS, (count,), generator=gen)
     starts = torch.cumsum(lengths, 0) - lengths
     seg = torch.searchsorted(starts, torch.arange(n), right=True) - 1
-    return topics[seg]
+    return (topics[seg], seg) if with_ids else topics[seg]
 
 
 def _head_params(profile: str, q_heads: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -218,6 +317,60 @@ def _head_params(profile: str, q_heads: int, gen: torch.Generator) -> dict[str, 
     return params
 
 
+def _extra_head_params(profile: str, q_heads: int, params: dict, extra: torch.Generator):
+    """Head types and extra logits of the "mixed" / "slash" / "staircase" profiles.
+
+    Adjusts ``params`` in place (slash heads: lower stripe and locality logits; staircase
+    heads: small ones) and returns ``(types, slash_logit, doc_logit)``; draws only from
+    ``extra``.
+    """
+    pattern = HEAD_TYPES[profile]
+    types = [pattern[h % len(pattern)] for h in range(q_heads)]
+    slash = torch.tensor([t == "slash" for t in types])
+    stair = torch.tensor([t == "staircase" for t in types])
+    slash_logit = params["sink"] - _uniform(extra, *SLASH_GAP, (q_heads,))
+    doc_logit = _uniform(extra, *STAIRCASE_LOGIT, (q_heads,))
+    for name in ("stripe", "local"):
+        params[name] = torch.where(slash, params[name] - SLASH_OTHER_DROP, params[name])
+    # Every own-document key already gets the document logit; locality or heavy hitters on
+    # top of it would concentrate the mass on a few keys again, so staircase heads keep
+    # little of them.
+    for name, (lo, hi) in (("local", STAIRCASE_LOCAL), ("stripe", STAIRCASE_STRIPE)):
+        params[name] = torch.where(stair, _uniform(extra, lo, hi, (q_heads,)), params[name])
+    return types, slash_logit, doc_logit
+
+
+def _positional_query(c, c_key, a_local, a_slash, slash_weight, freq, extra):
+    """Fast-dim query part ``zq_f = W_f / conj(c_key_f)`` (layout of ``c``), so that the
+    RoPE score is ``sum_f Re(W_f e^{i o theta_f})`` at offset ``o = i - j``.
+
+    ``W_f = a_local |c_f|^2`` is the locality kernel of the "realistic" heads (the key's
+    band part ``c``; the flat part is compensated) plus, for ``a_slash > 0``,
+    ``a_slash g_f sum_k w_k e^{-i o_k theta_f}``: lines of height ``a_slash w_k`` at
+    ``o_k`` (drawn here from ``extra``, also when unused, to keep the stream simple).
+    """
+    half = c.shape[0] // 2
+    lines = int(torch.randint(SLASH_LINES[0], SLASH_LINES[1] + 1, (1,), generator=extra))
+    log_lo, log_hi = math.log(SLASH_OFFSET_RANGE[0]), math.log(SLASH_OFFSET_RANGE[1])
+    offsets = _uniform(extra, log_lo, log_hi, (lines,)).exp().round()
+    weights = _uniform(extra, *SLASH_LINE_WEIGHT, (lines,))
+    w_re = a_local * (c[:half] ** 2 + c[half:] ** 2)
+    w_im = torch.zeros_like(w_re)
+    if a_slash:
+        angle = offsets[None, :] * freq[:, None]
+        w_re = w_re + a_slash * slash_weight * (weights * angle.cos()).sum(1)
+        w_im = w_im - a_slash * slash_weight * (weights * angle.sin()).sum(1)
+    zq_re, zq_im = _complex_div_conj(w_re, w_im, c_key[:half], c_key[half:])
+    return torch.cat([zq_re, zq_im])
+
+
+def _complex_div_conj(w_re, w_im, c_re, c_im):
+    """``w / conj(c)`` for per-pair complex numbers: the query pair that, against key pair
+    ``c``, gives the RoPE score weight ``w`` (``zq conj(c) = w``)."""
+    norm = (c_re ** 2 + c_im ** 2).clamp_min(1e-12)
+    return (w_re * c_re - w_im * c_im) / norm, (w_re * c_im + w_im * c_re) / norm
+
+
 # --------------------------------------------------------------------------- generator
 
 def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16,
@@ -230,6 +383,10 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
     ``q . k / sqrt(head_dim)`` show an attention sink, locality, heavy-hitter stripes and
     topic clustering (see the module docstring). Deterministic for a given ``seed``
     (CPU generator; each batch element is a different "document").
+
+    ``profile``: ``"realistic"``, ``"diffuse"``, or ``"mixed"`` / ``"slash"`` /
+    ``"staircase"`` (realistic heads plus slash heads, mass on a few diagonals, and
+    staircase heads, mass on the row's own segment; see ``HEAD_TYPES``).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -243,8 +400,14 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
         raise ValueError(f"head_dim must be an even int >= 8, got {head_dim!r}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    if profile not in PROFILES and profile not in HEAD_TYPES:
+        raise ValueError(f"profile must be one of {sorted([*PROFILES, *HEAD_TYPES])}, "
+                         f"got {profile!r}")
+    # Profiles with slash / staircase heads are "realistic" plus extra components drawn
+    # from a second generator, so their base draws equal "realistic"'s for the same seed.
+    extras = profile in HEAD_TYPES
+    base_profile = "realistic" if extras else profile
+    extra = torch.Generator(device="cpu").manual_seed(int(seed) + EXTRA_SEED) if extras else None
 
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -261,6 +424,10 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
     fast_freq = ROPE_BASE ** (-fast_pairs.to(torch.float64) * 2 / d)
     cos, sin = rope_cos_sin(torch.arange(n, device=device), d)
     slow_dims, fast_dims = slow_dims.to(device), fast_dims.to(device)
+    if extras:
+        slash_sel = fast_freq >= SLASH_MIN_FREQ            # pairs (of fast_pairs) of the lines
+        slash_weight = slash_sel.double() / slash_sel.sum().clamp_min(1)   # g_f, sums to 1
+        doc_dims = _pair_dims(fast_pairs[fast_freq <= DOC_FREQ_MAX], d).to(device)
 
     def to_dev(x):
         return x.to(device=device, dtype=torch.float32)
@@ -271,11 +438,16 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
 
     for b in range(batch):
         # Sequence-level structure shared by all heads: topics and "important tokens".
-        topic_of = _segments(n, gen)
+        if extras:
+            topic_of, seg_of = _segments(n, gen, with_ids=True)
+        else:
+            topic_of = _segments(n, gen)
         pool = torch.nonzero(torch.rand(n, generator=gen) < 1.0 / HEAVY_HITTER_EVERY).flatten()
         pool = pool[pool >= len(SINK_KEY_WEIGHTS)]  # sink keys are not stripes
         n_sink = min(n, len(SINK_KEY_WEIGHTS))
-        params = _head_params(profile, q_heads, gen)
+        params = _head_params(base_profile, q_heads, gen)
+        if extras:
+            types, slash_logit, doc_logit = _extra_head_params(profile, q_heads, params, extra)
         topic_of_dev = topic_of.to(device)
 
         for g in range(kv_heads):
@@ -298,6 +470,17 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
             phase = _uniform(gen, 0.0, 2 * math.pi, (len(fast_pairs),))
             amp = LOCAL_KEY_NORM * band.sqrt()
             c = torch.cat([amp * phase.cos(), amp * phase.sin()])  # matches fast_dims order
+            c_key = c
+            if extras:
+                # Keys also get a flat positional component over the slash pairs, in phase
+                # with c (so |c_key_f| >= flat_amp_f and queries stay small), and every
+                # document (segment) a random unit vector in the doc dims.
+                flat_amp = SLASH_KEY_NORM * slash_weight.sqrt()
+                key_amp = amp + flat_amp
+                c_key = torch.cat([key_amp * phase.cos(), key_amp * phase.sin()])
+                doc_vec = torch.randn(int(seg_of.max()) + 1, len(doc_dims), generator=extra,
+                                      dtype=torch.float64)
+                doc_vec = to_dev(doc_vec / doc_vec.norm(dim=1, keepdim=True))[seg_of.to(device)]
 
             # Heavy hitters of this kv head and their per-key strength.
             keep = torch.rand(len(pool), generator=gen) < HEAVY_HITTER_KEEP
@@ -316,7 +499,9 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
             local_loading = torch.ones(n, 1)
             local_loading[hit_pos] = SEMANTIC_KEY_LOCAL_SCALE
             local_loading[:n_sink] = SEMANTIC_KEY_LOCAL_SCALE
-            kh[:, fast_dims] += to_dev(local_loading) * to_dev(c)[None, :]
+            kh[:, fast_dims] += to_dev(local_loading) * to_dev(c_key)[None, :]
+            if extras:
+                kh[:, doc_dims] += DOC_KEY_NORM * doc_vec
             k[b, g] = apply_rope(kh, cos, sin).to(dtype)
 
             # ---- values: noise plus a mild per-topic component; shrunken sink values.
@@ -339,7 +524,15 @@ def make_qkv(n, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bf
                         + to_dev(jitter) * to_dev(a_hit * u_hit)[None, :]
                         + to_dev(a_topic * topic_vec)[topic_of_dev])
                 qh[:, slow_dims] += slow
-                qh[:, fast_dims] += to_dev(a_local * c)[None, :]
+                if not extras:
+                    qh[:, fast_dims] += to_dev(a_local * c)[None, :]
+                else:
+                    a_slash = slash_logit[h] / scale if types[h] == "slash" else 0.0
+                    qh[:, fast_dims] += to_dev(_positional_query(
+                        c, c_key, a_local, a_slash, slash_weight, fast_freq, extra))[None, :]
+                    if types[h] == "staircase":
+                        a_doc = (doc_logit[h] / (scale * DOC_KEY_NORM)).item()
+                        qh[:, doc_dims] += a_doc * doc_vec
                 q[b, h] = apply_rope(qh, cos, sin).to(dtype)
     return q, k, v
 

@@ -74,3 +74,15 @@ def compare_stages_with_reference(q, k, v, theta, geometry, *, anchor_tol, lse_t
     torch.testing.assert_close(anchor_ext.prefill(q, k, v, theta=theta, path="sparse", **geometry), out,
                                **exact)
     return selection
+
+
+@pytest.fixture(scope="session")
+def smollm2_or_skip():
+    """The SmolLM2 loader module, or a skip naming what to install when its GGUF is missing."""
+    from anchor_ext.models import smollm2
+
+    try:
+        smollm2.gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    return smollm2

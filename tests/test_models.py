@@ -19,13 +19,9 @@ WINDOW, LAST = 1024, 512
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    try:
-        smollm2.gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def loaded(smollm2_or_skip):
     torch.manual_seed(0)
-    return smollm2.load_smollm2()
+    return smollm2_or_skip.load_smollm2()
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,8 @@ CPU_GEOMETRY = dict(block_size=64, step=2)
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer():
-    try:
-        smollm2.gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    return smollm2.load_smollm2()
+def model_and_tokenizer(smollm2_or_skip):
+    return smollm2_or_skip.load_smollm2()
 
 
 @pytest.fixture(scope="module")
