@@ -106,7 +106,7 @@ def test_stage_inputs(qkv):
 
 
 def test_unknown_method_and_option(qkv):
-    with pytest.raises(ValueError, match="method: expected 'anchor', got 'flash'"):
+    with pytest.raises(ValueError, match="method: expected 'anchor', 'skeleton' or 'hybrid', got 'flash'"):
         anchor_ext.prefill(*qkv, method="flash")
     with pytest.raises(TypeError, match="unexpected options"):
         anchor_ext.prefill(*qkv, window=3)
