@@ -21,7 +21,9 @@ region (sink + a group-sized local window) is most of the causal triangle anyway
 The probe reads one number back to the host (a synchronisation). While a CUDA graph is
 being captured or ``torch.compile`` traces, no number can be read, so step 2 is
 skipped and the bound alone decides (sparse when it is below ``NO_PROBE_SPARSE_IF_BELOW``).
-``path="sparse"`` or ``path="dense"`` overrides the rule. On the CPU the rule is not
+``path="sparse"`` or ``path="dense"`` overrides the rule. When the rule picks dense, a
+:class:`DensePathWarning` says so (once per process and reason) and ``return_stats``
+reports ``path`` and ``reason``. On the CPU the rule is not
 applied: the CPU path is for testing and portability, and always runs sparse.
 
 The constants are measured on an H100 at the standard shape (``bench/results/``,
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 
 from .reference import SparseConfig, middle_range, region_pair_counts
 
-__all__ = ["PathChoice", "decide", "choose_path", "predicted_cost", "dense_prefill", "selected_fraction"]
+__all__ = ["PathChoice", "DensePathWarning", "decide", "choose_path", "predicted_cost",
+           "dense_prefill", "selected_fraction", "warn_dense_once"]
 
 DENSE_RATE_RATIO = 2.4          # cuDNN pairs/s over stage-3 pairs/s (H100, bf16, D=128)
 STAGE12_TOKENS = 5000.0         # stages 1-2 time / dense time, times N
@@ -139,6 +142,28 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, theta: float, cfg: SparseConfi
     selection = ops.identify(q_probe, k_probe, anchors, theta=theta, **geometry)
     fraction = float(selected_fraction(selection, p, cfg))  # the one host read
     return decide(n, cfg, fraction)
+
+
+class DensePathWarning(UserWarning):
+    """``path="auto"`` ran dense attention instead of the sparse kernels (once per reason)."""
+
+
+_warned: set[str] = set()
+
+
+def warn_dense_once(choice: PathChoice) -> None:
+    """Say, once per process and reason, that ``path="auto"`` chose dense attention, so the
+    choice is never silent; ``path="sparse"`` forces the kernels, and
+    ``warnings.simplefilter("ignore", DensePathWarning)`` silences it."""
+    reason = choice["reason"]
+    if reason in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(reason)
+    import warnings
+
+    warnings.warn(f"anchor_ext.prefill(path='auto') runs dense attention (cuDNN SDPA): {reason} "
+                  f"(predicted sparse/dense cost {choice['predicted_cost']:.2f}); pass "
+                  "path='sparse' to force the sparse kernels", DensePathWarning, stacklevel=3)
 
 
 def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

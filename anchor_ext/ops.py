@@ -119,6 +119,8 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
             else:
                 choice = {"path": "sparse", "reason": "CPU: the rule applies on CUDA only"}
     if choice["path"] == "dense":
+        if path == "auto":
+            dispatch.warn_dense_once(choice)
         out = dispatch.dense_prefill(q, k, v, options.get("sm_scale"))
         return (out, {**choice, "sparsity": 0.0}) if return_stats else out
     if not return_stats:

@@ -110,7 +110,11 @@ def test_unaligned_and_strided_inputs(layout):
 
 def test_auto_path_short_input_is_dense_sdpa():
     q, k, v = make_inputs(1, 4, 2, 4096, 128, torch.bfloat16, device="cuda", seed=9)
-    out, stats = anchor_ext.prefill(q, k, v, return_stats=True)
+    from anchor_ext import dispatch
+
+    dispatch._warned.clear()
+    with pytest.warns(dispatch.DensePathWarning, match="input too short for sparse to win"):
+        out, stats = anchor_ext.prefill(q, k, v, return_stats=True)
     assert stats["path"] == "dense" and stats["reason"] == "input too short for sparse to win"
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, dense, rtol=0, atol=0)

@@ -83,3 +83,17 @@ def test_dense_path_checks_inputs_like_the_sparse_path():
         anchor_ext.prefill(q, k, v, path="dense")
     with pytest.raises(ValueError, match="theta"):
         anchor_ext.prefill(q.nan_to_num(), k, v, path="dense", theta=float("nan"))
+
+
+def test_dense_choice_warns_once_per_reason():
+    import warnings
+
+    dispatch._warned.clear()
+    choice = dispatch.decide(8192, SparseConfig())
+    with pytest.warns(dispatch.DensePathWarning, match="input too short for sparse to win"):
+        dispatch.warn_dense_once(choice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.warn_dense_once(choice)  # the same reason again: silent
+    with pytest.warns(dispatch.DensePathWarning, match="probe"):
+        dispatch.warn_dense_once(dispatch.decide(131072, SparseConfig(), probe_fraction=1.0))
