@@ -68,14 +68,16 @@ def predicted_cost(n: int, cfg: SparseConfig, middle_fraction: float) -> float:
     return _cost(n, cfg, middle_fraction)
 
 
-def probe_tokens(n: int) -> int:
-    """The probe's prefix length for ``n`` tokens: an eighth, within ``PROBE_TOKENS``."""
-    return min(n, max(PROBE_TOKENS[0], min(PROBE_TOKENS[1], n // 8)))
+def probe_tokens(n: int, cfg: SparseConfig) -> int:
+    """The probe's prefix length for ``n`` tokens: an eighth, within ``PROBE_TOKENS``, and
+    never less than two groups and a block, so that the prefix has a middle region."""
+    at_least = 2 * cfg.group_rows + cfg.block_size
+    return min(n, max(at_least, PROBE_TOKENS[0], min(PROBE_TOKENS[1], n // 8)))
 
 
-def probe_cost(n: int) -> float:
+def probe_cost(n: int, cfg: SparseConfig) -> float:
     """Stages 1-2 on the probe's prefix, relative to dense time over ``n``."""
-    return STAGE12_TOKENS * probe_tokens(n) / n**2
+    return STAGE12_TOKENS * probe_tokens(n, cfg) / n**2
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
@@ -84,8 +86,8 @@ _POPCOUNT_ON = {}  # device -> the table there (a host-to-device copy per call w
 
 def selected_fraction(selection: torch.Tensor, n: int, cfg: SparseConfig) -> torch.Tensor:
     """Selected middle-region keys over all middle-region keys, a 0-d fp32 tensor on the
-    selection's device (no host read). Assumes bits only inside middle regions, as
-    ``identify`` writes them."""
+    selection's device (no host read); NaN when the groups have no middle region. Assumes
+    bits only inside middle regions, as ``identify`` writes them."""
     lut = _POPCOUNT_ON.get(selection.device)
     if lut is None:
         lut = _POPCOUNT_ON.setdefault(selection.device, _POPCOUNT.to(selection.device))
@@ -93,7 +95,7 @@ def selected_fraction(selection: torch.Tensor, n: int, cfg: SparseConfig) -> tor
     middle_keys = sum(max(0, end - start) for start, end in
                       (middle_range(g, cfg) for g in range(selection.shape[2])))
     heads = selection.shape[0] * selection.shape[1]
-    return selected / max(1, middle_keys * heads)
+    return selected / (middle_keys * heads) if middle_keys else selected * float("nan")
 
 
 def _host_reads_allowed(t: torch.Tensor) -> bool:
@@ -115,7 +117,7 @@ def decide(n: int, cfg: SparseConfig, probe_fraction: float | None = None, *,
         return PathChoice(path=path, reason="no probe (graph capture or compile): bound only",
                           predicted_cost=bound, probe_fraction=None)
     if probe_fraction is None:
-        if bound + probe_cost(n) > 1.0 - MIN_PROBE_GAIN:
+        if bound + probe_cost(n, cfg) > 1.0 - MIN_PROBE_GAIN:
             return PathChoice(path="dense", reason="input too short for sparse to win",
                               predicted_cost=bound, probe_fraction=None)
         return PathChoice(path="probe", reason="bound leaves room", predicted_cost=bound,
@@ -134,13 +136,15 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, theta: float, cfg: SparseConfi
     choice = decide(n, cfg, can_probe=_host_reads_allowed(q))
     if choice["path"] != "probe":
         return choice
-    p = probe_tokens(n)
+    p = probe_tokens(n, cfg)
     geometry = dict(block_size=cfg.block_size, step=cfg.step, init_blocks=cfg.init_blocks,
                     local_blocks=cfg.local_blocks, sm_scale=sm_scale)
     q_probe, k_probe = q[:, :, :p], k[:, :, :p]
     anchors = ops.anchor(q_probe, k_probe, **geometry)
     selection = ops.identify(q_probe, k_probe, anchors, theta=theta, **geometry)
     fraction = float(selected_fraction(selection, p, cfg))  # the one host read
+    if fraction != fraction:  # NaN: the prefix had no middle region, the bound decides
+        return decide(n, cfg, can_probe=False)
     return decide(n, cfg, fraction)
 
 

@@ -108,18 +108,24 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     cfg = SparseConfig(*(options.get(key, default) for key, default in
                          (("block_size", 128), ("step", 16), ("init_blocks", 1), ("local_blocks", 1))))
     choice = {"path": path, "reason": "requested"}
-    if path != "sparse":
-        if not torch.compiler.is_compiling():
-            # The same checks and messages as the sparse op, whichever path runs.
-            _C.check_prefill_args(q, k, v, float(theta), cfg.block_size, cfg.step, cfg.init_blocks,
-                                  cfg.local_blocks, options.get("sm_scale"))
-        if path == "auto":
-            if q.is_cuda:
-                choice = dispatch.choose_path(q, k, theta, cfg, options.get("sm_scale"))
-            else:
-                choice = {"path": "sparse", "reason": "CPU: the rule applies on CUDA only"}
+    checks = (not torch.compiler.is_compiling()) and path != "sparse"
+
+    def check_args(scan_finite):
+        # The same checks and messages as the sparse op, whichever path runs.
+        _C.check_prefill_args(q, k, v, float(theta), cfg.block_size, cfg.step, cfg.init_blocks,
+                              cfg.local_blocks, options.get("sm_scale"), scan_finite=scan_finite)
+
+    if checks:
+        check_args(scan_finite=path == "dense")  # the sparse op scans for NaN/Inf itself
+    if path == "auto":
+        if q.is_cuda:
+            choice = dispatch.choose_path(q, k, theta, cfg, options.get("sm_scale"))
+        else:
+            choice = {"path": "sparse", "reason": "CPU: the rule applies on CUDA only"}
     if choice["path"] == "dense":
         if path == "auto":
+            if checks:
+                check_args(scan_finite=True)
             dispatch.warn_dense_once(choice)
         out = dispatch.dense_prefill(q, k, v, options.get("sm_scale"))
         return (out, {**choice, "sparsity": 0.0}) if return_stats else out
@@ -154,10 +160,11 @@ def _prefill_skeleton(q, k, v, *, method, path, return_stats, theta, **options):
                          "RoPE base (e.g. 500000.0 for LLaMA-3.1), got None")
     geometry = {key: options[key] for key in _GEOMETRY_KEYS if key in options}
     geometry.setdefault("step", 1)
-    if path == "dense":
+    if not torch.compiler.is_compiling():  # the op checks, NaN/Inf scan included, before any work
         _C.check_prefill_args(q, k, v, float(theta), geometry.get("block_size", 128), geometry["step"],
                               geometry.get("init_blocks", 1), geometry.get("local_blocks", 1),
                               geometry.get("sm_scale"))
+    if path == "dense":
         out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
         return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
     skeleton_options = {key: options[key] for key in _SKELETON_KEYS if key in options}

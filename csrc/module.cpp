@@ -17,6 +17,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_prefill_args", &anchor::check_prefill_args, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("theta"), pybind11::arg("block_size"),
         pybind11::arg("step"), pybind11::arg("init_blocks"), pybind11::arg("local_blocks"),
-        pybind11::arg("sm_scale"),
+        pybind11::arg("sm_scale"), pybind11::arg("scan_finite") = true,
         "Run prefill's argument checks without computing (raises ValueError on bad input).");
 }

@@ -234,10 +234,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_op(
 
 void check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double theta, int64_t block_size, int64_t step, int64_t init_blocks,
-                        int64_t local_blocks, std::optional<double> sm_scale) {
+                        int64_t local_blocks, std::optional<double> sm_scale, bool scan_finite) {
   check_qkv(q, k, &v);
   check_theta(theta);
   make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  if (!scan_finite) return;
   check_finite(q, "q");
   check_finite(k, "k");
 }
@@ -245,7 +246,8 @@ void check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
 at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
                       int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
                       std::optional<double> sm_scale) {
-  check_prefill_args(q, k, v, theta, block_size, step, init_blocks, local_blocks, sm_scale);
+  check_prefill_args(q, k, v, theta, block_size, step, init_blocks, local_blocks, sm_scale,
+                     /*scan_finite=*/true);
   const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA

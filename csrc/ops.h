@@ -35,12 +35,14 @@ at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
                       std::optional<double> sm_scale);
 
-// Every check prefill makes (shapes, dtypes, devices, geometry, theta, NaN/Inf
-// scan), without computing: the Python API runs it before taking the dense path,
-// so both paths reject the same inputs with the same messages.
+// Every check prefill makes (shapes, dtypes, devices, geometry, theta and, with
+// scan_finite, the NaN/Inf scan), without computing: the Python API runs it before
+// choosing or taking the dense path, so both paths reject the same inputs with the
+// same messages.
 void check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double theta, int64_t block_size, int64_t step, int64_t init_blocks,
-                        int64_t local_blocks, std::optional<double> sm_scale);
+                        int64_t local_blocks, std::optional<double> sm_scale,
+                        bool scan_finite = true);
 
 inline at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const Options& o = {}) {

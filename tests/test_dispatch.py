@@ -97,3 +97,16 @@ def test_dense_choice_warns_once_per_reason():
         dispatch.warn_dense_once(choice)  # the same reason again: silent
     with pytest.warns(dispatch.DensePathWarning, match="probe"):
         dispatch.warn_dense_once(dispatch.decide(131072, SparseConfig(), probe_fraction=1.0))
+
+
+@pytest.mark.parametrize("step", [1, 16, 64])
+def test_probe_prefix_always_has_a_middle_region(step):
+    """With large groups a fixed prefix would lie in groups without middle keys and read
+    as 'nothing selected'; the prefix covers two groups and a block instead."""
+    cfg = SparseConfig(step=step)
+    for n in (16384, 131072, 1 << 20):
+        p = dispatch.probe_tokens(n, cfg)
+        if p < n:
+            assert ref.region_pair_counts(p, cfg)[1] > 0
+    empty = torch.zeros(1, 2, 1, ref.selection_words(100), dtype=torch.int32)
+    assert torch.isnan(dispatch.selected_fraction(empty, 100, SparseConfig()))

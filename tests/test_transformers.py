@@ -108,3 +108,30 @@ def test_short_prompts_and_non_padding_masks_run_dense():
     with pytest.warns(UserWarning, match="not causal attention with left or right padding"):
         got = logits(model, name, ids, mask)
     torch.testing.assert_close(got, logits(model, "sdpa", ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_only_exact_causal_padding_masks_are_sliced():
+    n = 8
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    left = causal & (torch.arange(n) >= 3)  # 3 padding tokens on the left
+    assert anchor_hf._valid_key_ranges(left[None, None], n) == [(3, 8)]
+    right = causal & (torch.arange(n) < 5)
+    assert anchor_hf._valid_key_ranges(right[None, None], n) == [(0, 5)]
+    packed = causal.clone()
+    packed[3:, :3] = False  # two packed sequences, 3 + 5 tokens: same last row as `left`
+    assert anchor_hf._valid_key_ranges(packed[None, None], n) is None
+    window = causal & (torch.arange(n)[:, None] - torch.arange(n)[None, :] < 3)
+    assert anchor_hf._valid_key_ranges(window[None, None], n) is None
+
+
+def test_skeleton_method_through_the_backend():
+    model = tiny_llama(seed=9)
+    ids = torch.randint(0, 300, (1, 300), generator=torch.Generator().manual_seed(10))
+    name = anchor_hf.register("anchor_skel", method="skeleton", rope_base=10000.0,
+                              granularity="key", **SMALL)
+    anchor_hf.prefill_calls.pop(name, None)
+    got = logits(model, name, ids)
+    assert anchor_hf.prefill_calls[name] == {"prefill": 2} and torch.isfinite(got).all()
+    with anchor_hf.capture() as calls:
+        logits(model, name, ids)
+    assert len(calls) == 2 and calls[0][4] == model.model.layers[0].self_attn.scaling

@@ -16,8 +16,9 @@ What runs where:
   covers); rows of padding tokens get zeros, which no valid token reads.
 * **Dense, through the model's SDPA path**: decode steps and chunked prefill (fewer
   queries than keys), prompts shorter than one block (``block_size`` tokens), training
-  with dropout, and masks that are not causal-plus-padding (e.g. packed sequences);
-  the last case warns once, since it means the sparse path is not used.
+  with dropout, sliding windows / softcapping / attention sinks passed by the model, and
+  masks that are not causal-plus-padding (packed sequences, windows, holes); the last case
+  warns, since it means the sparse path is not used.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import anchor_ext
 
 __all__ = ["register", "anchor_attention_forward", "capture", "prefill_calls"]
 
-_OPTION_KEYS = ("method", "theta", "path", "block_size", "step", "init_blocks", "local_blocks")
+_OPTION_KEYS = ("method", "theta", "path", "block_size", "step", "init_blocks", "local_blocks",
+                # method="skeleton" / "hybrid" (anchor_ext.ops): the model's RoPE and the mask
+                "rope_base", "rotary_dim", "eps", "sparsity", "granularity", "samples", "ridge",
+                "seed")
 
 # Per registered name: how many attention calls took each route (tests and benchmarks read it).
 prefill_calls: dict[str, dict[str, int]] = {}
@@ -44,25 +48,36 @@ def _count(name: str, route: str) -> None:
 
 
 def _valid_key_ranges(mask: torch.Tensor, q_len: int) -> list[tuple[int, int]] | None:
-    """``[(start, end)]`` per batch element from a 4-D boolean mask of causal attention
-    with padding, or ``None`` if the mask has another shape (then dense is used).
+    """``[(start, end)]`` per batch element when the 4-D boolean mask is exactly causal
+    attention over the keys ``[start, end)`` (left or right padding), else ``None`` (then
+    dense is used): packed sequences, sliding windows or holes are never sliced.
 
-    The last query row sees every valid key; padding must leave one contiguous range.
+    The last query row gives the candidate range; the whole mask is then compared with the
+    causal-plus-padding mask it implies, a bounded chunk of rows at a time.
     """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != q_len or mask.shape[-2] != q_len:
+    if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
+            or mask.shape[-1] != q_len or mask.shape[-2] != q_len):
         return None
-    last_row = mask[:, 0, -1, :]  # (B, N)
+    keys = torch.arange(q_len, device=mask.device)
+    chunk = max(1, (1 << 24) // q_len)
     ranges = []
-    for valid in last_row:
-        idx = torch.nonzero(valid).flatten()
-        if idx.numel() == 0:
-            ranges.append((0, 0))
-            continue
-        start, end = int(idx[0]), int(idx[-1]) + 1
-        if idx.numel() != end - start or (end != q_len and start != 0):
-            return None  # holes, or padding on both sides: not a padding mask we can slice
+    for b in range(mask.shape[0]):
+        idx = torch.nonzero(mask[b, 0, -1]).flatten()
+        start, end = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 0)
+        if end - start != idx.numel() or (end not in (q_len, start) and start != 0):
+            return None  # holes, or padding on both sides
+        valid = (keys >= start) & (keys < end)
+        for r0 in range(0, q_len, chunk):
+            rows = keys[r0:r0 + chunk]
+            expected = (keys[None, :] <= rows[:, None]) & valid[None, :]
+            if not torch.equal(mask[b, 0, r0:r0 + chunk], expected):
+                return None
         ranges.append((start, end))
     return ranges
+
+
+# Attention features the sparse path does not implement: a call using any runs dense.
+_DENSE_ONLY_KWARGS = ("sliding_window", "softcap", "s_aux")
 
 
 def anchor_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
@@ -87,13 +102,16 @@ def anchor_attention_forward(module, query, key, value, attention_mask, dropout=
         dense_reason = "dropout"
     elif is_causal is False or not getattr(module, "is_causal", True):
         dense_reason = "not_causal"
+    elif any(kwargs.get(name) is not None for name in _DENSE_ONLY_KWARGS):
+        dense_reason = "unsupported_feature"
     ranges = None
     if dense_reason is None and attention_mask is not None:
         ranges = _valid_key_ranges(attention_mask, q_len)
         if ranges is None:
             dense_reason = "mask"
             warnings.warn("anchor attention: the attention mask is not causal attention with "
-                          "left or right padding; this call runs dense SDPA", stacklevel=2)
+                          "left or right padding (packed sequences, a sliding window, holes); "
+                          "this call runs dense SDPA", stacklevel=2)
     if dense_reason is not None:
         _count(_name, dense_reason)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -101,7 +119,7 @@ def anchor_attention_forward(module, query, key, value, attention_mask, dropout=
 
     def run(q, k, v):
         if _captured is not None:
-            _captured.append((getattr(module, "layer_idx", None), q, k, v))
+            _captured.append((getattr(module, "layer_idx", None), q, k, v, scaling))
         return anchor_ext.prefill(q, k, v, sm_scale=scaling, **options)
 
     if ranges is None or all(r == (0, q_len) for r in ranges):
@@ -122,7 +140,9 @@ def register(name: str = "anchor", **options) -> str:
     """Register ``name`` as a transformers attention implementation running anchor_ext.
 
     ``options`` go to :func:`anchor_ext.prefill`: ``method``, ``theta``, ``path``,
-    ``block_size``, ``step``, ``init_blocks``, ``local_blocks`` (``sm_scale`` comes from
+    ``block_size``, ``step``, ``init_blocks``, ``local_blocks``, and for ``method="skeleton"``
+    / ``"hybrid"`` ``rope_base`` (the model's ``rope_theta``), ``rotary_dim``, ``eps``,
+    ``sparsity``, ``granularity``, ``samples``, ``ridge``, ``seed`` (``sm_scale`` comes from
     the model). Register several names for several settings. Returns ``name``.
     """
     from transformers import AttentionInterface
@@ -141,7 +161,7 @@ def register(name: str = "anchor", **options) -> str:
 
 
 class capture:
-    """Context manager recording ``(layer_idx, q, k, v)`` of every sparse prefill call.
+    """Context manager recording ``(layer_idx, q, k, v, scaling)`` of every sparse prefill call.
 
     For per-layer metrics (``bench/real_model.py``): the tensors are the ones passed
     to ``anchor_ext.prefill``, so recall and sparsity are measured on what ran.

@@ -51,17 +51,19 @@ def register_sparse(name: str = "anchor_eval", *, only_layers=None, **options) -
 @torch.no_grad()
 def quality_by_head(calls, options: dict, *, blocks: int = 16) -> list[dict]:
     """Per (layer, q head): sparsity, mass recall (mean, 1st percentile) and output error
-    against dense fp32 attention, on ``blocks`` query blocks per head, for the inputs the
-    model gave each sparse prefill (``calls`` from ``anchor_hf.capture``)."""
+    against dense fp32 attention, on ``blocks`` query blocks per head, for the inputs and
+    scaling the model gave each sparse prefill (``calls`` from ``anchor_hf.capture``); the
+    selection is the one ``anchor_ext.prefill`` makes with ``options`` (any method)."""
+    options = {key: value for key, value in options.items() if key != "path"}
+    method = options.get("method", "anchor")
     geometry = {k: options[k] for k in _GEOMETRY if k in options}
+    geometry.setdefault("step", 16 if method == "anchor" else 1)  # prefill's defaults
     cfg = SparseConfig(**geometry)
-    theta = options.get("theta", 12.0)
     rows = []
-    for layer, q, k, v in calls:
-        scale = q.shape[-1] ** -0.5
-        anchors = anchor_ext.anchor(q, k, sm_scale=scale, **geometry)
-        selection = anchor_ext.identify(q, k, anchors, theta=theta, sm_scale=scale, **geometry)
-        out, _ = anchor_ext.sparse_attention(q, k, v, selection, sm_scale=scale, **geometry)
+    for layer, q, k, v, scale in calls:
+        out, stats = anchor_ext.prefill(q, k, v, sm_scale=scale, path="sparse", return_stats=True,
+                                        **options)
+        selection = stats["selection"]
         sparsity = metrics.sparsity(selection, q.shape[2], cfg)["per_head"][0]
         group = q.shape[1] // k.shape[1]
         for h in range(q.shape[1]):
@@ -81,8 +83,10 @@ def greedy(model, impl: str, prompt: torch.Tensor, tokens: int) -> list[int]:
     """Greedy continuation of ``prompt`` (1, n) with attention implementation ``impl``."""
     model.set_attn_implementation(impl)
     device = next(model.parameters()).device
+    pad = model.generation_config.pad_token_id
+    pad = model.config.eos_token_id if pad is None else pad  # generate() wants one for its mask
     out = model.generate(prompt.to(device), max_new_tokens=tokens, do_sample=False,
-                         attention_mask=torch.ones_like(prompt, device=device), pad_token_id=2)
+                         attention_mask=torch.ones_like(prompt, device=device), pad_token_id=pad)
     return out[0, prompt.shape[1]:].tolist()
 
 

@@ -44,7 +44,7 @@ struct AttentionParams : QKVParams {
   // out (B, Hq, N, D) contiguous in the input dtype: written by kAll and kAlwaysPartial
   // (normalised over the always-computed keys), read then rewritten by kStripesMerge.
   void* out = nullptr;
-  float* lse = nullptr;          // (B, Hq, N) natural log, optional (kAll, kStripesMerge)
+  float* lse = nullptr;          // (B, Hq, N) natural log, optional (kAll only)
   float* anchor = nullptr;       // (B, Hq, N) fp32 natural-log row maxima (kAnchor, kAlwaysPartial)
   float* partial_lse = nullptr;  // (B, Hq, N) log2 units: log-sum-exp of the always-computed keys
 };

@@ -217,7 +217,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) gather_attention_kernel(c
   }
 
   // ---- epilogue ----
-  if (kPass == AttentionPass::kStripesMerge && tiles == 0) return;  // no stripes: out is final
+  // No stripes: out already holds the final rows. (lse is not written on this early exit:
+  // prefill passes none to this pass; a caller wanting it must store partial_lse / log2e.)
+  if (kPass == AttentionPass::kStripesMerge && tiles == 0) return;
   if constexpr (kAnchorOnly) {
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {
