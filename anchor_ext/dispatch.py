@@ -55,17 +55,13 @@ class PathChoice(dict):
     "probe_fraction": float | None}``: what the rule decided and why."""
 
 
-def _cost(n: int, cfg: SparseConfig, middle_fraction: float) -> float:
+def predicted_cost(n: int, cfg: SparseConfig, middle_fraction: float) -> float:
+    """Predicted sparse-prefill time over dense time for ``n`` tokens when a fraction
+    ``middle_fraction`` of every group's middle region is selected (H100 model above)."""
     always, middle = region_pair_counts(n, cfg)
     causal = n * (n + 1) / 2
     density = (always + middle_fraction * middle) / causal
     return DENSE_RATE_RATIO * density + STAGE12_TOKENS / n
-
-
-def predicted_cost(n: int, cfg: SparseConfig, middle_fraction: float) -> float:
-    """Predicted sparse-prefill time over dense time for ``n`` tokens when a fraction
-    ``middle_fraction`` of every group's middle region is selected (H100 model above)."""
-    return _cost(n, cfg, middle_fraction)
 
 
 def probe_tokens(n: int, cfg: SparseConfig) -> int:
@@ -111,7 +107,7 @@ def decide(n: int, cfg: SparseConfig, probe_fraction: float | None = None, *,
     Returns ``path="probe"`` when the probe should run; call again with its
     ``probe_fraction`` for the final answer.
     """
-    bound = _cost(n, cfg, 0.0)
+    bound = predicted_cost(n, cfg, 0.0)
     if not can_probe:
         path = "sparse" if bound < NO_PROBE_SPARSE_IF_BELOW else "dense"
         return PathChoice(path=path, reason="no probe (graph capture or compile): bound only",
@@ -122,7 +118,7 @@ def decide(n: int, cfg: SparseConfig, probe_fraction: float | None = None, *,
                               predicted_cost=bound, probe_fraction=None)
         return PathChoice(path="probe", reason="bound leaves room", predicted_cost=bound,
                           probe_fraction=None)
-    cost = _cost(n, cfg, probe_fraction)
+    cost = predicted_cost(n, cfg, probe_fraction)
     return PathChoice(path="sparse" if cost < SPARSE_IF_BELOW else "dense", reason="probe",
                       predicted_cost=cost, probe_fraction=probe_fraction)
 

@@ -14,15 +14,14 @@ too. JSON (device, versions, commit, command) and a recall-vs-sparsity plot.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 from anchor_ext import metrics, reference, skeleton, synthetic
+from bench.prefill import environment, write_json
 from anchor_ext.reference import SparseConfig
 
 STEP = 1
@@ -109,16 +108,13 @@ def main(argv=None):
     args.thetas = [float(t) for t in args.thetas.split(",")]
     args.budgets = [float(t) for t in args.budgets.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-               "torch": torch.__version__, "python": platform.python_version(), "commit": args.commit,
+    results = {**environment(device), "commit": args.commit,
                "command": " ".join(["python -m bench.methods"] + (argv or sys.argv[1:])),
                "n": args.n, "heads": [args.q_heads, args.kv_heads, args.head_dim], "step": STEP,
                "profiles": []}
     for profile in args.profiles.split(","):
         results["profiles"].append(run_profile(profile, args, device))
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, args.out)
     plot(results, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}")
 

