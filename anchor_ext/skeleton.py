@@ -111,7 +111,8 @@ import torch
 from .reference import SparseConfig, num_groups, pack_bits
 
 __all__ = ["Skeleton", "check_rope_args", "rope_frequencies", "apply_rope", "unrope",
-           "decompose", "skeleton_block_mask", "block_mask_sparsity", "select"]
+           "decompose", "skeleton_block_mask", "block_mask_sparsity", "select",
+           "cuda_path_supported", "fused_components"]
 
 #: Size of the mask blocks (paper §4: the block-sparse kernel of MInference uses 64).
 MASK_BLOCK = 64
@@ -414,10 +415,10 @@ def _heads(q, k, rope_base, rotary_dim):
 # --------------------------------------------------------------------------- masks (§3.3, §4)
 
 def _block_max(x, block):
-    """Max over consecutive blocks of ``block`` entries of a 1-d tensor (tail padded -inf)."""
-    nb = -(-x.shape[0] // block)
-    return torch.nn.functional.pad(x, (0, nb * block - x.shape[0]), value=-math.inf) \
-        .view(nb, block).amax(-1)
+    """Max over consecutive blocks of ``block`` entries along the last dim (tail padded -inf)."""
+    nb = -(-x.shape[-1] // block)
+    return torch.nn.functional.pad(x, (0, nb * block - x.shape[-1]), value=-math.inf) \
+        .view(*x.shape[:-1], nb, block).amax(-1)
 
 
 def _block_pairs(n, block, device):
@@ -457,6 +458,28 @@ def _interior_moments(skel: Skeleton):
     return float(mean), float(var.sqrt())
 
 
+def _block_components(s, v, h, *, sink_tokens, local_tokens, block, slash_pool):
+    """Block maxima of the components (paper §3.3) along the last dim: ``(sb, vb, hb)``,
+    each ``(..., nb)``. ``sb[D]`` pools the model slash over the offsets of block pairs at
+    distance ``D``; only interior offsets (``>= T``) and keys (``>= S``) count."""
+    n = s.shape[-1]
+    nb = -(-n // block)
+    idx = torch.arange(n, device=s.device)
+    s = s.masked_fill(idx < local_tokens, -math.inf)                   # model: interior offsets
+    v = v.masked_fill(idx < sink_tokens, -math.inf)
+    vb, hb = _block_max(v, block), _block_max(h, block)
+    if slash_pool == "max":
+        # Offsets in block pairs at distance D: [DB - B + 1, DB + B - 1]. Window max of
+        # width 2B - 1 centred on DB (computed with a sliding window, O(N B)).
+        padded = torch.nn.functional.pad(s, (block - 1, nb * block - n + block), value=-math.inf)
+        sb = padded.unfold(-1, 2 * block - 1, block)[..., :nb, :].amax(-1)  # starts at DB - B + 1
+    else:  # "mean": the paper's (m_{D-1} + m_D) / 2, m_D alone where m_{D-1} is -inf
+        m = _block_max(s, block)                                       # m_D: offsets [DB, DB+B)
+        prev = torch.nn.functional.pad(m[..., :-1], (1, 0), value=-math.inf)
+        sb = torch.where(torch.isfinite(prev), (prev + m) / 2, m)
+    return sb, vb, hb
+
+
 def _block_scores(skel: Skeleton, block: int, slash_pool: str) -> torch.Tensor:
     """Block scores ``s^B_{I-J} + v^B_J + h^B_I`` (model, interior pairs) maxed with the
     exact Λ-element estimates ``x_ij - lse_i`` in the block: fp32 ``(nb, nb)``, ``-inf``
@@ -465,19 +488,8 @@ def _block_scores(skel: Skeleton, block: int, slash_pool: str) -> torch.Tensor:
     dev = skel.s.device
     nb = -(-n // block)
     idx = torch.arange(n, device=dev)
-    s = skel.s.masked_fill(idx < T, -math.inf)                         # model: interior offsets
-    v = skel.v.masked_fill(idx < S, -math.inf)
-    vb, hb = _block_max(v, block), _block_max(skel.h, block)
-    m = _block_max(s, block)                                           # m_D: offsets [DB, DB+B)
-    if slash_pool == "max":
-        # Offsets in block pairs at distance D: [DB - B + 1, DB + B - 1]. Window max of
-        # width 2B - 1 centred on DB (computed with a sliding window, O(N B)).
-        padded = torch.nn.functional.pad(s, (block - 1, nb * block - n + block), value=-math.inf)
-        windows = padded.unfold(0, 2 * block - 1, block)[:nb]          # starts at DB - B + 1
-        sb = windows.amax(-1)
-    else:  # "mean": the paper's (m_{D-1} + m_D) / 2, m_D alone where m_{D-1} is -inf
-        prev = torch.cat([m.new_full((1,), -math.inf), m[:-1]])
-        sb = torch.where(torch.isfinite(prev), (prev + m) / 2, m)
+    sb, vb, hb = _block_components(skel.s, skel.v, skel.h, sink_tokens=S, local_tokens=T,
+                                   block=block, slash_pool=slash_pool)
     d_idx = (torch.arange(nb, device=dev)[:, None] - torch.arange(nb, device=dev)[None, :])
     scores = sb[d_idx.clamp_min(0)] + vb[None, :] + hb[:, None]
     # Λ elements exactly: x_ij - lse_i, scattered (amax) into their blocks.
@@ -526,16 +538,16 @@ def _mask_from_scores(scores, skel: Skeleton, *, block, eps, sparsity, budget):
 
 
 def _sliding_max(x, width):
-    """``out[o] = max(x[o : o + width])`` for every ``o`` (``-inf`` past the end), by
-    doubling: O(len(x) log(width)) time, O(len(x)) memory."""
-    n = x.shape[0]
+    """``out[..., o] = max(x[..., o : o + width])`` along the last dim (``-inf`` past the
+    end), by doubling: O(len log(width)) time, O(len) memory."""
+    n = x.shape[-1]
     y = torch.nn.functional.pad(x, (0, width), value=-math.inf)
     span = 1
     while 2 * span <= width:
-        y = torch.maximum(y, torch.nn.functional.pad(y[span:], (0, span), value=-math.inf))
+        y = torch.maximum(y, torch.nn.functional.pad(y[..., span:], (0, span), value=-math.inf))
         span *= 2
-    shifted = torch.nn.functional.pad(y[width - span:], (0, width - span), value=-math.inf)
-    return torch.maximum(y, shifted)[:n]
+    shifted = torch.nn.functional.pad(y[..., width - span:], (0, width - span), value=-math.inf)
+    return torch.maximum(y, shifted)[..., :n]
 
 
 def _key_scores(skel: Skeleton, cfg: SparseConfig, g0: int, g1: int) -> torch.Tensor:
@@ -636,9 +648,9 @@ def _check_mask_args(eps, sparsity, block, slash_pool, budget):
         raise ValueError(f"budget must be 'quantile' or 'normal', got {budget!r}")
 
 
-def _head_skeletons(q, k, *, rope_base, rotary_dim, sm_scale, samples, ridge, seed, sink_tokens,
+def _decompose_args(q, k, *, rope_base, rotary_dim, sm_scale, samples, ridge, sink_tokens,
                     local_tokens, calib_rows):
-    """Validate, then yield ``(b, h, Skeleton of one head)`` one head at a time."""
+    """Validate the decomposition arguments; return ``(rotary_dim, scale, samples)``."""
     _check_qk(q, k)
     d = q.shape[-1]
     rotary_dim = check_rope_args(rope_base, rotary_dim, d)
@@ -648,12 +660,222 @@ def _head_skeletons(q, k, *, rope_base, rotary_dim, sm_scale, samples, ridge, se
         raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     samples = 80 * d if samples is None else int(samples)
+    return rotary_dim, scale, samples
+
+
+def _head_skeletons(q, k, *, rope_base, rotary_dim, sm_scale, samples, ridge, seed, sink_tokens,
+                    local_tokens, calib_rows):
+    """Validate, then yield ``(b, h, Skeleton of one head)`` one head at a time."""
+    rotary_dim, scale, samples = _decompose_args(
+        q, k, rope_base=rope_base, rotary_dim=rotary_dim, sm_scale=sm_scale, samples=samples,
+        ridge=ridge, sink_tokens=sink_tokens, local_tokens=local_tokens, calib_rows=calib_rows)
     theta = rope_frequencies(float(rope_base), rotary_dim, q.device)
     for b, h, qh, kh, kt in _heads(q, k, rope_base, rotary_dim):
         gen = torch.Generator().manual_seed(int(seed))
         yield b, h, _decompose_head(qh, kh, kt, theta=theta, scale=scale, samples=samples,
                                     ridge=ridge, gen=gen, sink_tokens=sink_tokens,
                                     local_tokens=local_tokens, calib_rows=calib_rows)
+
+
+# --------------------------------------------------------------------------- CUDA path
+
+def cuda_path_supported(q, *, granularity="block", sparsity=None, budget="quantile",
+                        block_size=128, step=1, init_blocks=1, local_blocks=1,
+                        mask_block=MASK_BLOCK, sink_tokens=64, local_tokens=64) -> bool:
+    """Whether :func:`select` runs on the CUDA kernels (``csrc/cuda/skeleton.cu``).
+
+    They cover 16-bit CUDA inputs with D in {64, 128} when the exact Λ-shape lies inside
+    the region stage 3 always computes (``sink_tokens <= min(64, init_blocks *
+    block_size)``, ``local_tokens <= min(64, local_blocks * block_size)``; the defaults):
+    then no Λ element can fall into a stripe or block the selection decides, and the
+    selection needs only ``s``, ``v``, ``h``. Per key: threshold and ``budget="quantile"``;
+    per block: threshold mode, with ``mask_block`` dividing ``block_size`` and
+    ``local_tokens <= local_blocks * block_size - mask_block + 1``. Anything else runs the
+    PyTorch implementation (also on CUDA tensors, slower).
+    """
+    from . import _C
+    if not (q.is_cuda and _C.built_with_cuda() and q.dtype in (torch.float16, torch.bfloat16)
+            and q.dim() == 4 and q.shape[-1] in (64, 128) and block_size == 128):
+        return False
+    local = local_blocks * block_size
+    if not (1 <= sink_tokens <= min(64, init_blocks * block_size) and 1 <= local_tokens <= min(64, local)):
+        return False
+    if granularity == "key":
+        return sparsity is None or budget == "quantile"
+    return sparsity is None and block_size % mask_block == 0 and local_tokens <= local - mask_block + 1
+
+
+def _row_prefix(x):
+    """``out[m] = sum_{j < m} x[j]`` for ``x (N, C)``: ``(N + 1, C)``. The scan runs along a
+    contiguous last dim (on CUDA a scan over dim 0 of a few columns is one thread per
+    column, tens of ms at 32k rows)."""
+    return torch.nn.functional.pad(x.T.contiguous().cumsum(-1), (1, 0)).T
+
+
+def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, samples=None,
+                     ridge=1e-3, seed=0, sink_tokens=64, local_tokens=64, calib_rows=1) -> dict:
+    """Algorithm 1 on CUDA for every head at once: a dict of ``(B, Hq, N)`` tensors ``s``,
+    ``v``, ``h``, ``mu``, ``sigma``, ``lse`` (as :class:`Skeleton`'s fields) and ``alpha``,
+    ``kappa``, ``zeta``, ``fit_r2``.
+
+    The row statistics (``mu``, ``sigma`` and the Λ-shape's log-sum-exp) come from the
+    ``anchor::skeleton_row_stats`` kernel (fp32 tiles, float64 Gram prefix); the rest is
+    float64 PyTorch on N-vectors and the ``samples x (rotary_dim + D)`` regression, with the
+    same samples as :func:`decompose` (one draw shared by all heads, as there). Equal to
+    :func:`decompose` up to fp32 rounding; no Λ-shape tensors (``sink``, ``band``).
+    Nothing waits for the GPU: the ridge systems of all kv heads are solved in one batched
+    ``solve_ex`` (no error check, which would synchronise), and the draw is copied first.
+    """
+    rotary_dim, scale, samples = _decompose_args(
+        q, k, rope_base=rope_base, rotary_dim=rotary_dim, sm_scale=sm_scale, samples=samples,
+        ridge=ridge, sink_tokens=sink_tokens, local_tokens=local_tokens, calib_rows=calib_rows)
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    dev = q.device
+    S, T = min(sink_tokens, n), local_tokens
+    m = n - S - T                                                       # interior rows/cols
+    fit = m >= 2 and samples > 0
+    if fit:  # line 1: the draw of decompose (re-seeded per head there, so equal for all)
+        xs = torch.randint(0, m, (2, samples), generator=torch.Generator().manual_seed(int(seed)))
+        xs = xs.to(dev)
+        si, sj = xs.max(0).values + S + T, xs.min(0).values + S
+    mu, var, lambda_lse = torch.ops.anchor.skeleton_row_stats(
+        q, k, sink_tokens=S, local_tokens=T, sm_scale=scale)
+    mu, var = mu.double(), var.double()                                 # 0 without interior
+    rows = torch.arange(n, device=dev)
+    count = (rows - T - S + 1).clamp_min(0)
+    has_interior = count > 0
+    cnt = count.clamp_min(1).double()
+
+    # Row-centred regressors (lines 9-10), shared by every head for r.
+    theta = rope_frequencies(float(rope_base), rotary_dim, dev)
+    ang = torch.arange(n, device=dev, dtype=torch.float64)[:, None] * theta[None, :]
+    r = torch.cat([ang.cos(), ang.sin()], dim=-1)                      # (N, rotary_dim)
+    r_pre = _row_prefix(r)
+    lo_o = min(T, n)
+    r_bar = (r_pre[(rows - S + 1).clamp(min=lo_o, max=n)] - r_pre[lo_o]) / cnt[:, None]
+    del r_pre
+    hi_j = (rows - T + 1).clamp(min=S, max=n)                           # keys [S, i - T]
+    rd = r.shape[1]
+
+    def unroped(b, g):                                                  # line 2, as decompose
+        return unrope(k[b, g].float(), None, rope_base, rotary_dim).double()
+
+    # Lines 11-13: one ridge system per kv head (A is shared by its q heads), solved in a batch.
+    k_bar_last = torch.empty(bsz, hkv, d, dtype=torch.float64, device=dev)
+    coef = torch.zeros(bsz, hkv, rd + d, group, dtype=torch.float64, device=dev)
+    fit_r2 = torch.zeros(bsz, hq, dtype=torch.float64, device=dev)
+    if fit:
+        r_sampled = r[si - sj] - r_bar[si]
+        systems, rhs, designs, targets = [], [], [], []
+    for b in range(bsz):
+        for g in range(hkv):
+            kt = unroped(b, g)
+            k_pre = _row_prefix(kt)
+            k_bar_last[b, g] = (k_pre[hi_j[-1]] - k_pre[S]) / cnt[-1]
+            if fit:
+                k_bar = (k_pre[hi_j[si]] - k_pre[S]) / cnt[si, None]
+                a = torch.cat([r_sampled, kt[sj] - k_bar], dim=1)       # (samples, rd + D)
+                heads = slice(g * group, (g + 1) * group)
+                target = (q[b, heads, si].float() * k[b, g, sj].float()).sum(-1).double() * scale \
+                    - mu[b, heads][:, si]                               # (group, samples)
+                lam2 = (ridge * a.norm()) ** 2
+                systems.append(a.T @ a + lam2 * torch.eye(a.shape[1], dtype=a.dtype, device=dev))
+                rhs.append(a.T @ target.T)
+                designs.append(a)
+                targets.append(target)
+    if fit:
+        solution = torch.linalg.solve_ex(torch.stack(systems), torch.stack(rhs))[0]
+        coef = solution.view(bsz, hkv, rd + d, group)
+        resid = torch.stack(targets).transpose(1, 2) - torch.stack(designs) @ solution
+        fit_r2 = (1.0 - resid.var(1) / torch.stack(targets).var(2).clamp_min(1e-30)).view(bsz, hq)
+        del systems, rhs, designs, targets
+    alpha = coef[:, :, :rd].transpose(2, 3).reshape(bsz, hq, rd)
+    kappa = coef[:, :, rd:].transpose(2, 3).reshape(bsz, hq, d)
+
+    # v (eq. 6), eps_i = (k_bar_i - k_bar_N) kappa from prefix sums of k~_j kappa, and
+    # zeta (eq. 9) on the last calib_rows rows with interior keys (rows >= S + T).
+    v = torch.empty(bsz, hq, n, dtype=torch.float64, device=dev)
+    eps = torch.empty(bsz, hq, n, dtype=torch.float64, device=dev)
+    zeta = torch.zeros(bsz, hq, dtype=torch.float64, device=dev)
+    calib = torch.arange(max(n - calib_rows, S + T), n, device=dev)
+    keys = torch.arange(n, device=dev)
+    for b in range(bsz):
+        for g in range(hkv):
+            heads = slice(g * group, (g + 1) * group)
+            w = unroped(b, g) @ kappa[b, heads].T                       # (N, group)
+            w_pre = _row_prefix(w)
+            last = k_bar_last[b, g] @ kappa[b, heads].T
+            v[b, heads] = (w - last).T
+            eps[b, heads] = ((w_pre[hi_j] - w_pre[S]) / cnt[:, None] - last).T
+            if calib.numel():
+                x = (q[b, heads][:, calib].float() @ k[b, g].float().T).double() * scale
+                inside = (keys[None, :] >= S) & (keys[None, :] <= calib[:, None] - T)
+                lse_int = torch.logsumexp(x.masked_fill(~inside, -math.inf), dim=-1)
+                log_mean = lse_int - torch.log(cnt[calib]) - mu[b, heads][:, calib]
+                zeta[b, heads] = (var[b, heads][:, calib] / 2 - log_mean).mean(-1)
+    # Slash, delta (eqs. 4-5) for every head at once; h (eqs. 10-11).
+    s = torch.einsum("nr,bhr->bhn", r - r_bar[-1], alpha)
+    delta = torch.einsum("nr,bhr->bhn", r_bar - r_bar[-1], alpha)
+    interior_term = torch.where(has_interior, torch.log(cnt) + var / 2 - zeta[..., None], -math.inf)
+    nu = torch.logaddexp(lambda_lse.double() - mu, interior_term)
+    delta = torch.where(has_interior, delta, 0.0)
+    eps = torch.where(has_interior, eps, 0.0)
+    h = torch.where(has_interior, -delta - eps - nu, -math.inf)
+    return {"s": s.float(), "v": v.float(), "h": h.float(), "mu": mu.float(),
+            "sigma": var.sqrt().float(), "lse": (mu + nu).float(), "alpha": alpha.float(),
+            "kappa": kappa.float(), "zeta": zeta.float(), "fit_r2": fit_r2.float()}
+
+
+def _select_cuda(q, k, cfg: SparseConfig, *, eps, sparsity, granularity, mask_block, slash_pool,
+                 **decompose_args) -> torch.Tensor:
+    """:func:`select` on the CUDA kernels (see :func:`cuda_path_supported`)."""
+    comp = fused_components(q, k, **decompose_args)
+    bsz, hq, n, _ = q.shape
+    heads = bsz * hq
+    s, v, h = (comp[name].reshape(heads, n) for name in ("s", "v", "h"))
+    geometry = {"block_size": cfg.block_size, "step": cfg.step, "init_blocks": cfg.init_blocks,
+                "local_blocks": cfg.local_blocks}
+    S, T = min(decompose_args["sink_tokens"], n), decompose_args["local_tokens"]
+    if granularity == "block":
+        slash, vertical, horizontal = _block_components(s, v, h, sink_tokens=S, local_tokens=T,
+                                                        block=mask_block, slash_pool=slash_pool)
+        tau = torch.full((heads,), math.log(eps * mask_block / n), device=q.device)
+    else:
+        mask_block = 0
+        vertical = v
+        slash = _sliding_max(s, cfg.group_rows)                         # max s[o : o + rows]
+        groups = num_groups(n, cfg)
+        horizontal = torch.nn.functional.pad(h, (0, groups * cfg.group_rows - n), value=-math.inf) \
+            .view(heads, groups, cfg.group_rows).amax(-1)
+        if sparsity is None:
+            tau = torch.full((heads,), math.log(eps / n), device=q.device)
+        else:
+            tau = _key_threshold_cuda(vertical, slash, horizontal, n, cfg, sparsity, geometry)
+    selection = torch.ops.anchor.skeleton_select(
+        vertical.contiguous(), slash.contiguous(), horizontal.contiguous(), tau.float(),
+        seqlen=n, mask_block=mask_block, **geometry)
+    return selection.view(bsz, hq, *selection.shape[1:])
+
+
+def _key_threshold_cuda(vertical, slash, horizontal, n, cfg, sparsity, geometry):
+    """Per-head ``budget="quantile"`` threshold of :func:`_key_threshold`: the same
+    bisection (25 halvings of [-1e3, 1e3], the reference's stopping width), each step one
+    pair-count launch for all heads and no host synchronisation."""
+    heads = vertical.shape[0]
+    need = (1.0 - sparsity) * n * (n + 1) / 2 - _always_pairs(n, cfg)
+    if need <= 0:
+        return torch.full((heads,), math.inf, device=vertical.device)
+    lo = torch.full((heads,), -1e3, dtype=torch.float64, device=vertical.device)
+    hi = torch.full((heads,), 1e3, dtype=torch.float64, device=vertical.device)
+    for _ in range(25):                               # 2000 / 2^25 < 1e-4 <= 2000 / 2^24
+        mid = 0.5 * (lo + hi)
+        pairs = torch.ops.anchor.skeleton_select(vertical, slash, horizontal, mid.float(), seqlen=n,
+                                                 count_pairs=True, **geometry)
+        above = pairs.double() > need
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return hi
 
 
 @torch.no_grad()
@@ -750,6 +972,15 @@ def select(q, k, *, rope_base=None, rotary_dim=None, eps=0.8, sparsity=None, blo
         raise ValueError(f"granularity must be 'block' or 'key', got {granularity!r}")
     _check_mask_args(eps, sparsity, mask_block, slash_pool, budget)
     cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
+    if cuda_path_supported(q, granularity=granularity, sparsity=sparsity, budget=budget,
+                           block_size=block_size, step=step, init_blocks=init_blocks,
+                           local_blocks=local_blocks, mask_block=mask_block,
+                           sink_tokens=sink_tokens, local_tokens=local_tokens):
+        return _select_cuda(q, k, cfg, eps=eps, sparsity=sparsity, granularity=granularity,
+                            mask_block=mask_block, slash_pool=slash_pool, rope_base=rope_base,
+                            rotary_dim=rotary_dim, sm_scale=sm_scale, samples=samples,
+                            ridge=ridge, seed=seed, sink_tokens=sink_tokens,
+                            local_tokens=local_tokens, calib_rows=calib_rows)
     bsz, hq, n, _ = q.shape
     groups = num_groups(n, cfg)
     out = torch.zeros(bsz, hq, groups, -(-n // 32), dtype=torch.int32, device=q.device)

@@ -261,6 +261,81 @@ at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return std::get<0>(cpu::sparse_attention(q, k, v, selection, geo));
 }
 
+// ---- SparseSkeleton (CUDA only: on CPU, anchor_ext.skeleton is the PyTorch path) ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats_op(
+    const at::Tensor& q, const at::Tensor& k, int64_t sink_tokens, int64_t local_tokens,
+    std::optional<double> sm_scale) {
+  check_qkv(q, k, nullptr);
+  TORCH_CHECK_VALUE(sink_tokens >= 1 && sink_tokens <= 64,
+                    "sink_tokens: the CUDA row statistics support 1 <= S <= 64, got ", sink_tokens);
+  TORCH_CHECK_VALUE(local_tokens >= 1 && local_tokens <= 64,
+                    "local_tokens: the CUDA row statistics support 1 <= T <= 64, got ",
+                    local_tokens);
+  // Only sm_scale is used; block_size 128 passes the CUDA geometry check.
+  const Geometry geo = make_geometry(q, 128, 1, 1, 1, sm_scale);
+  check_finite(q, "q");
+  check_finite(k, "k");
+  TORCH_CHECK_NOT_IMPLEMENTED(is_cuda(q), "anchor::skeleton_row_stats: CUDA tensors only (got ",
+                              q.device(), "); on CPU anchor_ext.skeleton computes the "
+                              "statistics in PyTorch");
+#ifdef ANCHOR_WITH_CUDA
+  return cuda::skeleton_row_stats(q, k, sink_tokens, local_tokens, geo);
+#else
+  no_cuda_kernels("skeleton_row_stats");
+#endif
+}
+
+at::Tensor skeleton_select_op(const at::Tensor& vertical, const at::Tensor& slash,
+                              const at::Tensor& horizontal, const at::Tensor& tau, int64_t seqlen,
+                              int64_t mask_block, bool count_pairs, int64_t block_size,
+                              int64_t step, int64_t init_blocks, int64_t local_blocks) {
+  TORCH_CHECK_VALUE(vertical.dim() == 2, "vertical: expected a 2-D tensor (heads, length), got shape ",
+                    shape_of(vertical));
+  TORCH_CHECK_VALUE(seqlen >= 0 && seqlen < (int64_t(1) << 30),
+                    "seqlen: expected 0 <= N < 2^30, got ", seqlen);
+  const Geometry geo = make_geometry(vertical, block_size, step, init_blocks, local_blocks, 1.0);
+  const int64_t heads = vertical.size(0), groups = geo.num_groups(seqlen);
+  TORCH_CHECK_VALUE(mask_block >= 0, "mask_block: expected >= 0 (0 selects per key), got ",
+                    mask_block);
+  int64_t length = seqlen, horizontal_length = groups;
+  if (mask_block > 0) {
+    TORCH_CHECK_VALUE(block_size % mask_block == 0,
+                      "mask_block: expected a divisor of block_size=", block_size,
+                      " (a mask block must not straddle the middle region's ends), got ",
+                      mask_block);
+    length = horizontal_length = (seqlen + mask_block - 1) / mask_block;
+  }
+  const std::pair<const at::Tensor*, const char*> components[] = {
+      {&vertical, "vertical"}, {&slash, "slash"}, {&horizontal, "horizontal"}, {&tau, "tau"}};
+  for (const auto& [t, name] : components) {
+    TORCH_CHECK_VALUE(t->device() == vertical.device(), name, ": expected device ",
+                      vertical.device(), " (the device of vertical), got ", t->device());
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                      t->scalar_type());
+  }
+  const auto expect_shape = [&](const at::Tensor& t, const char* name, int64_t len) {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == heads && t.size(1) == len, name,
+                      ": expected shape [", heads, ", ", len, "], got ", shape_of(t));
+  };
+  expect_shape(vertical, "vertical", length);
+  expect_shape(slash, "slash", length);
+  expect_shape(horizontal, "horizontal", horizontal_length);
+  TORCH_CHECK_VALUE(tau.dim() == 1 && tau.size(0) == heads, "tau: expected shape [", heads,
+                    "], got ", shape_of(tau));
+  TORCH_CHECK_VALUE(heads <= 65535 && groups <= (int64_t(1) << 31) - 1,
+                    "vertical: the CUDA kernel supports at most 65535 heads, got ", heads);
+  TORCH_CHECK_NOT_IMPLEMENTED(is_cuda(vertical), "anchor::skeleton_select: CUDA tensors only "
+                              "(got ", vertical.device(), "); on CPU anchor_ext.skeleton.select "
+                              "builds the selection in PyTorch");
+#ifdef ANCHOR_WITH_CUDA
+  return cuda::skeleton_select(vertical, slash, horizontal, tau, seqlen, mask_block, count_pairs,
+                               geo);
+#else
+  no_cuda_kernels("skeleton_select");
+#endif
+}
+
 }  // namespace anchor
 
 TORCH_LIBRARY(anchor, m) {
@@ -277,16 +352,25 @@ TORCH_LIBRARY(anchor, m) {
   m.def(
       "prefill(Tensor q, Tensor k, Tensor v, *, float theta=12.0, int block_size=128, "
       "int step=16, int init_blocks=1, int local_blocks=1, float? sm_scale=None) -> Tensor");
+  m.def(
+      "skeleton_row_stats(Tensor q, Tensor k, *, int sink_tokens=64, int local_tokens=64, "
+      "float? sm_scale=None) -> (Tensor mu, Tensor var, Tensor lambda_lse)");
+  m.def(
+      "skeleton_select(Tensor vertical, Tensor slash, Tensor horizontal, Tensor tau, *, "
+      "int seqlen, int mask_block=0, bool count_pairs=False, int block_size=128, int step=1, "
+      "int init_blocks=1, int local_blocks=1) -> Tensor");
 }
 
 // One implementation per op serves both backends: it validates, then branches on
 // the device. Registering it for CPU and CUDA keeps the checks in one place.
-#define ANCHOR_REGISTER_BACKEND(KEY)                           \
-  TORCH_LIBRARY_IMPL(anchor, KEY, m) {                         \
-    m.impl("anchor", &anchor::anchor_op);                      \
-    m.impl("identify", &anchor::identify_op);                  \
-    m.impl("sparse_attention", &anchor::sparse_attention_op);  \
-    m.impl("prefill", &anchor::prefill_op);                    \
+#define ANCHOR_REGISTER_BACKEND(KEY)                               \
+  TORCH_LIBRARY_IMPL(anchor, KEY, m) {                             \
+    m.impl("anchor", &anchor::anchor_op);                          \
+    m.impl("identify", &anchor::identify_op);                      \
+    m.impl("sparse_attention", &anchor::sparse_attention_op);      \
+    m.impl("prefill", &anchor::prefill_op);                        \
+    m.impl("skeleton_row_stats", &anchor::skeleton_row_stats_op);  \
+    m.impl("skeleton_select", &anchor::skeleton_select_op);        \
   }
 
 ANCHOR_REGISTER_BACKEND(CPU)

@@ -35,6 +35,18 @@ at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
                       std::optional<double> sm_scale);
 
+// SparseSkeleton on CUDA (csrc/cuda/skeleton.cu; anchor_ext/skeleton.py documents the
+// method): row statistics of the interior scores, and the selection from the fitted
+// components. Both raise NotImplementedError for CPU tensors (the PyTorch path covers
+// the CPU).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats_op(
+    const at::Tensor& q, const at::Tensor& k, int64_t sink_tokens, int64_t local_tokens,
+    std::optional<double> sm_scale);
+at::Tensor skeleton_select_op(const at::Tensor& vertical, const at::Tensor& slash,
+                              const at::Tensor& horizontal, const at::Tensor& tau, int64_t seqlen,
+                              int64_t mask_block, bool count_pairs, int64_t block_size,
+                              int64_t step, int64_t init_blocks, int64_t local_blocks);
+
 // Every check prefill makes (shapes, dtypes, devices, geometry, theta and, with
 // scan_finite, the NaN/Inf scan), without computing: the Python API runs it before
 // choosing or taking the dense path, so both paths reject the same inputs with the

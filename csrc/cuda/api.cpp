@@ -78,6 +78,14 @@ void run_attention(const AttentionParams& p, cudaStream_t stream) {
   }
 }
 
+// Exclusive prefix sum over dim 0 of a (rows, cols) float64 tensor, as contiguous fp32.
+// The scan runs along a contiguous last dim: ATen scans dim 0 with one thread per
+// column, sequentially over the rows (milliseconds for a few thousand rows).
+at::Tensor exclusive_prefix(const at::Tensor& x) {
+  const at::Tensor inclusive = x.t().contiguous().cumsum(1).t();
+  return (inclusive - x).to(at::kFloat).contiguous();
+}
+
 }  // namespace
 
 bool stream_is_capturing(const at::Tensor& t) {
@@ -168,6 +176,85 @@ at::Tensor prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   p.anchor = nullptr;
   run_attention(p, stream);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats(const at::Tensor& q_in,
+                                                                  const at::Tensor& k_in,
+                                                                  int64_t sink_tokens,
+                                                                  int64_t local_tokens,
+                                                                  const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  check_device(q_in);
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
+  const int64_t batch = q.size(0), q_heads = q.size(1), kv_heads = k.size(1);
+  const int64_t n = q.size(2), head_dim = q.size(3);
+  const auto row_options = q.options().dtype(at::kFloat);
+  at::Tensor mu = at::empty({batch, q_heads, n}, row_options);
+  at::Tensor var = at::empty({batch, q_heads, n}, row_options);
+  at::Tensor lambda_lse = at::empty({batch, q_heads, n}, row_options);
+  if (mu.numel() == 0) return {mu, var, lambda_lse};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t chunks = (n + kSkeletonChunkRows - 1) / kSkeletonChunkRows;
+  const int64_t group = q_heads / kv_heads;
+  // One kv head at a time bounds the Gram prefix to chunks * D^2 floats (64 MiB at
+  // 128k tokens, D 128). Float64 GEMM and prefix sums: the per-row variance is a
+  // difference of large sums.
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const at::Tensor keys = at::constant_pad_nd(k[b][g].to(at::kDouble),
+                                                  {0, 0, 0, chunks * kSkeletonChunkRows - n})
+                                  .view({chunks, kSkeletonChunkRows, head_dim});
+      const at::Tensor grams = at::bmm(keys.transpose(1, 2), keys);
+      const at::Tensor sums = keys.sum(1);
+      const at::Tensor gram_prefix = exclusive_prefix(grams.view({chunks, head_dim * head_dim}));
+      const at::Tensor key_prefix = exclusive_prefix(sums);
+      SkeletonStatsParams p;
+      p.q = q[b][g * group].data_ptr();
+      p.k = k[b][g].data_ptr();
+      p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2), p.k_row_stride = k.stride(2);
+      p.key_prefix = key_prefix.data_ptr<float>();
+      p.gram_prefix = gram_prefix.data_ptr<float>();
+      p.mu = mu[b][g * group].data_ptr<float>();
+      p.var = var[b][g * group].data_ptr<float>();
+      p.lambda_lse = lambda_lse[b][g * group].data_ptr<float>();
+      p.out_head_stride = n;
+      p.heads = int(group), p.seqlen = int(n), p.head_dim = int(head_dim);
+      p.sink_tokens = int(sink_tokens), p.local_tokens = int(local_tokens);
+      p.sm_scale = geo.sm_scale;
+      p.is_bf16 = q.scalar_type() == at::kBFloat16;
+      run_skeleton_stats(p, stream);
+    }
+  }
+  return {mu, var, lambda_lse};
+}
+
+at::Tensor skeleton_select(const at::Tensor& vertical_in, const at::Tensor& slash_in,
+                           const at::Tensor& horizontal_in, const at::Tensor& tau_in,
+                           int64_t seqlen, int64_t mask_block, bool count_pairs,
+                           const Geometry& geo) {
+  c10::cuda::CUDAGuard guard(vertical_in.device());
+  const at::Tensor vertical = vertical_in.contiguous(), slash = slash_in.contiguous();
+  const at::Tensor horizontal = horizontal_in.contiguous(), tau = tau_in.contiguous();
+  const int64_t heads = vertical.size(0);
+  SkeletonSelectParams p;
+  p.vertical = vertical.data_ptr<float>();
+  p.slash = slash.data_ptr<float>();
+  p.horizontal = horizontal.data_ptr<float>();
+  p.tau = tau.data_ptr<float>();
+  p.num_groups = geo.num_groups(seqlen), p.num_words = selection_words(seqlen);
+  p.component_stride = vertical.size(1), p.horizontal_stride = horizontal.size(1);
+  p.heads = int(heads), p.seqlen = int(seqlen), p.mask_block = int(mask_block);
+  p.geo = geo;
+  at::Tensor result;
+  if (count_pairs) {
+    result = at::zeros({heads}, vertical.options().dtype(at::kLong));
+    p.pair_count = reinterpret_cast<unsigned long long*>(result.data_ptr<int64_t>());
+  } else {
+    result = at::empty({heads, p.num_groups, p.num_words}, vertical.options().dtype(at::kInt));
+    p.selection = reinterpret_cast<uint32_t*>(result.data_ptr<int32_t>());
+  }
+  run_skeleton_select(p, at::cuda::getCurrentCUDAStream());
+  return result;
 }
 
 }  // namespace anchor::cuda

@@ -21,6 +21,18 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q, const a
 at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
                    const Geometry& geo);
 
+// SparseSkeleton (csrc/cuda/skeleton.cu): per-row interior mean / variance and Λ-shape
+// log-sum-exp, (B, Hq, N) fp32 each; and the selection (or pair counts) from the
+// fitted components (see SkeletonSelectParams).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats(const at::Tensor& q,
+                                                                  const at::Tensor& k,
+                                                                  int64_t sink_tokens,
+                                                                  int64_t local_tokens,
+                                                                  const Geometry& geo);
+at::Tensor skeleton_select(const at::Tensor& vertical, const at::Tensor& slash,
+                           const at::Tensor& horizontal, const at::Tensor& tau, int64_t seqlen,
+                           int64_t mask_block, bool count_pairs, const Geometry& geo);
+
 // True while the current CUDA stream of t's device is being captured into a graph.
 bool stream_is_capturing(const at::Tensor& t);
 
