@@ -63,11 +63,20 @@ hits its target to < 0.001 (quantile); eq. (14) (``budget="normal"``) gave 0.69 
 0.9 target on realistic heads and 0.50 on slash heads. Known components (q, k built so
 that ``x = S_{i-j} + V_j + H_i``, N 2048, D 64, rotary_dim 32) are recovered to
 0.013 (s, max), 0.016 (v, max), 0.056 / 0.30 (h, mean / max), 0.047 (log A on the
-interior, mean abs). One development run on an H100 (torch 2.11; its output was not
-saved under bench/results, so treat these as indications) found CPU and CUDA selections
-bit-equal at N 4096 and ``select`` taking 1.5 s at 32k and 5.4 s at 128k for 32 q heads
-/ 8 kv heads, D 128 (peak 3.8 GiB): this pure-PyTorch path is far slower than
-AnchorAttention's kernels (3.8 ms identification at 128k); custom kernels are future work.
+interior, mean abs).
+
+On CUDA (:func:`cuda_path_supported`: 16-bit inputs, D 64 / 128, the default Λ-shape)
+:func:`select` runs :func:`fused_components` and two kernels of ``csrc/cuda/skeleton.cu``:
+``anchor::skeleton_row_stats`` (the O(N d) row statistics: exact Λ scores and in-chunk
+keys on fp32 tiles, the keys before a row's 128-key chunk through a float64 Gram prefix)
+and ``anchor::skeleton_select`` (the bitmask from ``s``, ``v``, ``h``, or the pair counts
+of the budget bisection). With the Λ-shape inside the always-computed region no Λ element
+can fall into a stripe or block the selection decides, so the kernels need no Λ block
+scores. Measured on an H100 (``bench/results/skeleton_h100.json``, 32 q / 8 kv heads,
+D 128, bf16, per key, eps 0.8, step 1): the row statistics take 3.3 / 6.2 / 12.0 / 25.4 ms
+at 16k / 32k / 64k / 128k, the whole selection 26-63 ms (the PyTorch glue is host-bound
+below 64k), against 0.8 + 0.2 ms (16k) to 5.8 + 3.8 ms (128k) for AnchorAttention's two
+stages; the tests hold the selection to the PyTorch path's within 0.2% of its bits.
 
 Departures from the paper (each also noted where it happens):
 
@@ -967,6 +976,11 @@ def select(q, k, *, rope_base=None, rotary_dim=None, eps=0.8, sparsity=None, blo
     ``step`` defaults to 1 here (groups of one 128-row block), not 16: a slash line
     moves one key per row, so over a 2048-row group it sweeps 2048 keys and the union
     over the group would turn every slash into a wide band.
+
+    On CUDA inputs that :func:`cuda_path_supported` covers (the defaults with fp16 / bf16
+    and D 64 or 128) this runs the kernels of ``csrc/cuda/skeleton.cu`` via
+    :func:`fused_components`, with no host synchronisation; other arguments run the
+    PyTorch implementation below on any device.
     """
     if granularity not in ("block", "key"):
         raise ValueError(f"granularity must be 'block' or 'key', got {granularity!r}")

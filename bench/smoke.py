@@ -22,14 +22,33 @@ def check(n, hq, hkv, d, dtype, theta=3.0, **geometry):
           f"lse err {(lse - lse_ref).abs().max():.2e}", flush=True)
 
 
+def check_skeleton(n, hq, hkv, d, dtype, **options):
+    """SparseSkeleton's CUDA path (row-statistics and selection kernels) against the
+    PyTorch path on CPU copies: differing selection bits (near-threshold keys may flip)."""
+    from anchor_ext import skeleton
+
+    q, k, _ = synthetic.make_qkv(n, q_heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, device="cuda",
+                                 profile="mixed")
+    rope = dict(rope_base=synthetic.ROPE_BASE)
+    s = skeleton.select(q, k, **rope, **options)
+    s_ref = skeleton.select(q.cpu(), k.cpu(), **rope, **options)
+    diff = ref.unpack_bits(s.cpu(), n) != ref.unpack_bits(s_ref, n)
+    print(f"skeleton n={n} hq={hq} hkv={hkv} d={d} {dtype} {options}: selection diff {int(diff.sum())} "
+          f"of {int(ref.unpack_bits(s_ref, n).sum())} selected", flush=True)
+
+
 if __name__ == "__main__":
     import sys
 
     if "--quick" in sys.argv:  # a small case, e.g. under compute-sanitizer
         check(700, 2, 1, 128, torch.bfloat16, theta=8.0, step=2)
         check(300, 2, 2, 64, torch.float16, theta=8.0, step=1)
+        check_skeleton(700, 2, 1, 128, torch.bfloat16, granularity="key", sparsity=0.5)
+        check_skeleton(1000, 2, 2, 64, torch.float16, granularity="block")
         sys.exit(0)
     for args in [(300, 2, 1, 128, torch.bfloat16), (5000, 4, 2, 128, torch.bfloat16),
                  (5000, 4, 1, 64, torch.float16), (4097, 2, 2, 128, torch.float16)]:
         check(*args, theta=8.0)
         check(*args, theta=8.0, step=2)
+    check_skeleton(3000, 4, 2, 128, torch.bfloat16, granularity="key")
+    check_skeleton(3000, 4, 2, 128, torch.bfloat16, granularity="block")
