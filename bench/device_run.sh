@@ -64,7 +64,8 @@ if want flex; then
 fi
 if want real; then
   timeout "${REAL_TIMEOUT:-300}" python3 -m bench.real_model --n "${REAL_N:-8192}" --thetas "${THETAS:-12,16,20}" \
-    --commit "${COMMIT:-unknown}" --out "$OUT/real_model_h100.json" 2>&1 | grep -v Warning
+    --methods "${REAL_METHODS:-anchor}" --commit "${COMMIT:-unknown}" \
+    --out "$OUT/${REAL_OUT:-real_model_h100.json}" 2>&1 | grep -v Warning
 fi
 if want skeleton; then
   timeout "${SKELETON_TIMEOUT:-300}" python3 -m bench.skeleton_gpu --ns "${SKELETON_NS:-16384,32768,65536,131072}" \

@@ -1,8 +1,10 @@
 """Sparse prefill inside a real pretrained LLM (SmolLM2-135M-Instruct, offline GGUF).
 
     python -m bench.real_model --n 8192 --last 2048 --thetas 12,16,20 --out bench/results/real_model.json
+    python -m bench.real_model --n 8192 --thetas 12 --methods anchor,skeleton,hybrid
 
-For each theta: perplexity of the last ``--last`` tokens of an ``--n``-token window of the
+For each method (``--methods``: anchor and hybrid at each theta, skeleton once, per key
+with eps 0.8 and the model's RoPE base) and theta: perplexity of the last ``--last`` tokens of an ``--n``-token window of the
 built-in long text with sparse vs dense attention, per-(layer, head) sparsity, mass recall
 (mean and 1st percentile) and output error, greedy generation after the window (first
 differing token and the single layers that already change it), and the prefill time
@@ -37,7 +39,7 @@ def plot(results: dict, path: str) -> None:
                         c=[h["layer"] for h in heads], cmap="viridis", s=12)
         ax.scatter([h["sparsity"] for h in heads], [h["recall_p01"] for h in heads],
                    c=[h["layer"] for h in heads], cmap="viridis", s=8, marker="x", alpha=0.5)
-        ax.set_title(f"theta={run['options']['theta']:g}: ppl {run['perplexity']['dense']:.2f} -> "
+        ax.set_title(f"{run_label(run['options'])}: ppl {run['perplexity']['dense']:.2f} -> "
                      f"{run['perplexity']['sparse']:.2f}", fontsize=9)
         ax.set_xlabel("sparsity of the head")
         ax.set_ylabel("mass recall (o: mean, x: 1st pct)")
@@ -46,6 +48,26 @@ def plot(results: dict, path: str) -> None:
     fig.suptitle(f"SmolLM2-135M, N={results['n']}, {results['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def run_label(options: dict) -> str:
+    """Short name of a run's selection method and setting."""
+    method = options.get("method", "anchor")
+    if method == "skeleton":
+        return f"skeleton eps={options.get('eps', 0.8):g}"
+    return f"{method} theta={options['theta']:g}"
+
+
+def run_options(method: str, theta: float, args, rope_base: float) -> dict:
+    """prefill options of one run: anchor with the chosen geometry; skeleton and hybrid
+    per key (eps 0.8, the model's RoPE base) with step 1, as prefill defaults them."""
+    if method == "anchor":
+        return dict(theta=theta, block_size=args.block_size, step=args.step)
+    options = dict(method=method, rope_base=rope_base, granularity="key", block_size=args.block_size,
+                   step=1)
+    if method == "hybrid":
+        options["theta"] = theta
+    return options
 
 
 def main(argv=None):
@@ -57,6 +79,8 @@ def main(argv=None):
     parser.add_argument("--step", type=int, default=16)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=16, help="query blocks sampled per head")
+    parser.add_argument("--methods", default="anchor",
+                        help="comma-separated: anchor (each theta), skeleton (once), hybrid (each theta)")
     parser.add_argument("--no-find-layer", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--commit", default=os.environ.get("ANCHOR_EXT_COMMIT", "unknown"))
@@ -74,20 +98,25 @@ def main(argv=None):
         "command": " ".join(["python -m bench.real_model"] + (argv or sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [],
     }
-    for theta in [float(t) for t in args.thetas.split(",")]:
-        options = dict(theta=theta, block_size=args.block_size, step=args.step)
-        run = evaluate.evaluate(model, tokenizer, n=args.n, last=args.last, options=options,
-                                gen_tokens=args.gen_tokens, blocks=args.blocks,
-                                find_layer=not args.no_find_layer)
-        results["runs"].append(run)
-        gen = run["generation"]
-        print(f"theta={theta:g}: ppl dense {run['perplexity']['dense']:.3f} sparse "
-              f"{run['perplexity']['sparse']:.3f} | sparsity {run['sparsity']['mean']:.3f} | recall "
-              f"{run['recall_mean']['mean']:.4f} (worst head {run['recall_mean']['min']:.3f}, worst p1 "
-              f"{run['recall_p01']['min']:.3f}) | err max {run['err_max']:.3f} | generation: first "
-              f"divergence {gen['first_divergence']} layers {gen['layers_changing_it']} | prefill "
-              f"{run['prefill_ms']['dense']:.1f} ms dense, {run['prefill_ms']['sparse']:.1f} ms sparse",
-              flush=True)
+    config = model.config
+    rope_base = float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+    thetas = [float(t) for t in args.thetas.split(",")]
+    for method in args.methods.split(","):
+        for theta in thetas[:1] if method == "skeleton" else thetas:
+            options = run_options(method, theta, args, rope_base)
+            run = evaluate.evaluate(model, tokenizer, n=args.n, last=args.last, options=options,
+                                    gen_tokens=args.gen_tokens, blocks=args.blocks,
+                                    find_layer=not args.no_find_layer)
+            results["runs"].append(run)
+            gen = run["generation"]
+            print(f"{run_label(options)}: ppl dense {run['perplexity']['dense']:.3f} sparse "
+                  f"{run['perplexity']['sparse']:.3f} | sparsity {run['sparsity']['mean']:.3f} | recall "
+                  f"{run['recall_mean']['mean']:.4f} (worst head {run['recall_mean']['min']:.3f}, worst p1 "
+                  f"{run['recall_p01']['min']:.3f}) | err max {run['err_max']:.3f} | generation: first "
+                  f"divergence {gen['first_divergence']} layers {gen['layers_changing_it']} | prefill "
+                  f"{run['prefill_ms']['dense']:.1f} ms dense, {run['prefill_ms']['sparse']:.1f} ms sparse",
+                  flush=True)
+            write_json(results, args.out)
     write_json(results, args.out)
     plot(results, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}")
