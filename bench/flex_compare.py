@@ -46,7 +46,7 @@ import torch
 import anchor_ext
 from anchor_ext import metrics, synthetic
 from anchor_ext.reference import SparseConfig, middle_range, num_groups, selection_words
-from bench.prefill import cuda_time_ms, environment, sdpa_time_ms
+from bench.prefill import cuda_time_ms, run_header, sdpa_time_ms
 
 # --------------------------------------------------------------------------- block structure
 # Everything here runs on any device (the tests run it on the CPU against a slow loop).
@@ -342,14 +342,13 @@ def main(argv=None):
     # One compiled flex_attention; dynamic=False: every (N, KV block) gets its own static kernel.
     flex_compiled = torch.compile(flex_attention, dynamic=False)
     results = {
-        **environment(), "commit": args.commit or _git_commit(),
-        "command": " ".join(["python -m bench.flex_compare"] + (argv if argv is not None else sys.argv[1:])),
+        **run_header("bench.flex_compare", argv, args.commit or _git_commit()),
         "shape": {"batch": 1, "q_heads": args.q_heads, "kv_heads": args.kv_heads,
                   "head_dim": args.head_dim, "dtype": "bfloat16", "profile": "realistic"},
         "notes": "flex uses our selection: 128-row query tiles, KV blocks kept when any key is "
                  "computed, mask_mod exact inside partial tiles; tile_pairs = pairs in kept tiles "
                  "(what flex computes); anchor_computed = pairs stage 3 computes",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": [],
+        "rows": [],
     }
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:

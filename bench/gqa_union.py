@@ -21,7 +21,7 @@ import torch
 import anchor_ext
 from anchor_ext import metrics, synthetic
 from anchor_ext.reference import SparseConfig
-from bench.prefill import cuda_time_ms, environment
+from bench.prefill import cuda_time_ms, run_header
 
 
 def union_over_kv_groups(selection: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def main(argv=None):
                   f"(p1 {row['recall_p01']:.3f}) stage3 {row['stage3_ms']:.2f} ms", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    result = {**environment(), "commit": args.commit, "command": " ".join(["python -m bench.gqa_union"] + (argv or sys.argv[1:])),
+    result = {**run_header("bench.gqa_union", argv, args.commit),
               "shape": {"batch": 1, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"},
               "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
 from anchor_ext import metrics, reference, skeleton, synthetic
-from bench.prefill import environment, write_json
+from bench.prefill import run_header, write_json
 from anchor_ext.reference import SparseConfig
 
 STEP = 1
@@ -108,8 +107,7 @@ def main(argv=None):
     args.thetas = [float(t) for t in args.thetas.split(",")]
     args.budgets = [float(t) for t in args.budgets.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {**environment(device), "commit": args.commit,
-               "command": " ".join(["python -m bench.methods"] + (argv or sys.argv[1:])),
+    results = {**run_header("bench.methods", argv, args.commit, device),
                "n": args.n, "heads": [args.q_heads, args.kv_heads, args.head_dim], "step": STEP,
                "profiles": []}
     for profile in args.profiles.split(","):

@@ -35,6 +35,15 @@ def environment(device: str = "cuda") -> dict:
             "python": platform.python_version()}
 
 
+def run_header(module: str, argv, commit: str, device: str = "cuda") -> dict:
+    """The fields every result file starts with: device and versions, commit, the command
+    that made it (``python -m <module> ...``) and the date."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {**environment(device), "commit": commit,
+            "command": " ".join([f"python -m {module}"] + args),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def write_json(results: dict, path: str) -> None:
     """Write a result file (its folder created if needed)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -138,10 +147,10 @@ def main(argv=None):
         sys.exit("bench.prefill needs a CUDA device and a CUDA build of anchor_ext")
     anchor_ext.set_check_finite(False)  # time the kernels, not the input scan
     results = {
-        **environment(), "commit": args.commit, "command": " ".join(["python -m bench.prefill"] + (argv or sys.argv[1:])),
+        **run_header("bench.prefill", argv, args.commit),
         "shape": {"batch": 1, "q_heads": args.q_heads, "kv_heads": args.kv_heads,
                   "head_dim": args.head_dim, "dtype": "bfloat16", "profile": args.profile},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": [],
+        "rows": [],
     }
     thetas = [float(t) for t in args.thetas.split(",")]
     for n in [int(s) for s in args.sizes.split(",")]:

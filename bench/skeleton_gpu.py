@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 import anchor_ext
 from anchor_ext import metrics, skeleton, synthetic
 from anchor_ext.reference import SparseConfig
-from bench.prefill import cuda_time_ms, environment, sdpa_time_ms, write_json
+from bench.prefill import cuda_time_ms, run_header, sdpa_time_ms, write_json
 
 ROPE = {"rope_base": synthetic.ROPE_BASE}
 
@@ -166,8 +165,7 @@ def main(argv=None):
     args.thetas = [float(t) for t in args.thetas.split(",")]
     args.budgets = [float(t) for t in args.budgets.split(",")] if args.budgets else []
     anchor_ext.set_check_finite(False)  # time the kernels, not the input scan
-    results = {**environment("cuda"), "commit": args.commit,
-               "command": " ".join(["python -m bench.skeleton_gpu"] + (argv or sys.argv[1:])),
+    results = {**run_header("bench.skeleton_gpu", argv, args.commit),
                "shape": {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"},
                "cases": []}
     for n in (int(x) for x in args.ns.split(",")):
