@@ -121,7 +121,7 @@ from .reference import SparseConfig, num_groups, pack_bits
 
 __all__ = ["Skeleton", "check_rope_args", "rope_frequencies", "apply_rope", "unrope",
            "decompose", "skeleton_block_mask", "block_mask_sparsity", "select",
-           "cuda_path_supported", "fused_components"]
+           "cuda_path_supported", "fused_components", "SkeletonPathWarning"]
 
 #: Size of the mask blocks (paper §4: the block-sparse kernel of MInference uses 64).
 MASK_BLOCK = 64
@@ -688,30 +688,54 @@ def _head_skeletons(q, k, *, rope_base, rotary_dim, sm_scale, samples, ridge, se
 
 # --------------------------------------------------------------------------- CUDA path
 
-def cuda_path_supported(q, *, granularity="block", sparsity=None, budget="quantile",
+def cuda_path_supported(q, k=None, *, granularity="block", sparsity=None, budget="quantile",
                         block_size=128, step=1, init_blocks=1, local_blocks=1,
                         mask_block=MASK_BLOCK, sink_tokens=64, local_tokens=64) -> bool:
     """Whether :func:`select` runs on the CUDA kernels (``csrc/cuda/skeleton.cu``).
 
-    They cover 16-bit CUDA inputs with D in {64, 128} when the exact Λ-shape lies inside
-    the region stage 3 always computes (``sink_tokens <= min(64, init_blocks *
-    block_size)``, ``local_tokens <= min(64, local_blocks * block_size)``; the defaults):
-    then no Λ element can fall into a stripe or block the selection decides, and the
-    selection needs only ``s``, ``v``, ``h``. Per key: threshold and ``budget="quantile"``;
-    per block: threshold mode, with ``mask_block`` dividing ``block_size`` and
-    ``local_tokens <= local_blocks * block_size - mask_block + 1``. Anything else runs the
-    PyTorch implementation (also on CUDA tensors, slower).
+    They cover non-empty 16-bit inputs (k, when given, of q's dtype) on a Hopper GPU with
+    D in {64, 128}, when the exact Λ-shape lies inside the region stage 3 always computes
+    (``sink_tokens <= min(64, init_blocks * block_size)``, ``local_tokens <= min(64,
+    local_blocks * block_size)``; the defaults): then no Λ element can fall into a stripe
+    or block the selection decides (a middle key is more than ``local_blocks *
+    block_size`` keys before every row of its group), and the selection needs only ``s``,
+    ``v``, ``h``. Per key: threshold and ``budget="quantile"``; per block: threshold mode
+    with ``mask_block`` dividing ``block_size``. Anything else runs the PyTorch
+    implementation (on CUDA tensors :func:`select` warns that it does).
     """
     from . import _C
     if not (q.is_cuda and _C.built_with_cuda() and q.dtype in (torch.float16, torch.bfloat16)
-            and q.dim() == 4 and q.shape[-1] in (64, 128) and block_size == 128):
+            and q.dim() == 4 and q.shape[2] > 0 and q.shape[-1] in (64, 128) and block_size == 128
+            and (k is None or k.dtype == q.dtype)
+            and torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
     local = local_blocks * block_size
     if not (1 <= sink_tokens <= min(64, init_blocks * block_size) and 1 <= local_tokens <= min(64, local)):
         return False
     if granularity == "key":
         return sparsity is None or budget == "quantile"
-    return sparsity is None and block_size % mask_block == 0 and local_tokens <= local - mask_block + 1
+    return sparsity is None and block_size % mask_block == 0
+
+
+class SkeletonPathWarning(UserWarning):
+    """:func:`select` ran the PyTorch implementation on CUDA tensors (options the CUDA
+    kernels do not cover; see :func:`cuda_path_supported`)."""
+
+
+_WARNED = set()
+
+
+def _warn_pytorch_path(options: dict) -> None:
+    key = tuple(sorted(options.items()))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    import warnings
+
+    warnings.warn(f"anchor_ext.skeleton.select runs the PyTorch implementation on CUDA for "
+                  f"{options} (much slower than the CUDA kernels, which cover fp16/bf16 on "
+                  f"Hopper, D 64/128, the default Λ-shape, per-key selection or per-block "
+                  f"threshold mode; see cuda_path_supported)", SkeletonPathWarning, stacklevel=3)
 
 
 def _row_prefix(x):
@@ -728,12 +752,16 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     ``kappa``, ``zeta``, ``fit_r2``.
 
     The row statistics (``mu``, ``sigma`` and the Λ-shape's log-sum-exp) come from the
-    ``anchor::skeleton_row_stats`` kernel (fp32 tiles, float64 Gram prefix); the rest is
+    ``anchor::skeleton_row_stats`` kernel (fp32 tiles; the Gram prefix is summed in float64
+    and read in fp32, so a row's variance is within ~1e-6 of its mean squared score over
+    its interior count); the rest is
     float64 PyTorch on N-vectors and the ``samples x (rotary_dim + D)`` regression, with the
     same samples as :func:`decompose` (one draw shared by all heads, as there). Equal to
     :func:`decompose` up to fp32 rounding; no Λ-shape tensors (``sink``, ``band``).
-    Nothing waits for the GPU: the ridge systems of all kv heads are solved in one batched
-    ``solve_ex`` (no error check, which would synchronise), and the draw is copied first.
+    Nothing waits for the GPU but the op's NaN/Inf scan of q and k (off with
+    ``anchor_ext.set_check_finite(False)``): the ridge systems of all kv heads are solved in
+    one batched ``solve_ex`` (no error check, which would synchronise), the draw is copied
+    from pinned memory, and every index known on the host is a Python int.
     """
     rotary_dim, scale, samples = _decompose_args(
         q, k, rope_base=rope_base, rotary_dim=rotary_dim, sm_scale=sm_scale, samples=samples,
@@ -747,7 +775,7 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     fit = m >= 2 and samples > 0
     if fit:  # line 1: the draw of decompose (re-seeded per head there, so equal for all)
         xs = torch.randint(0, m, (2, samples), generator=torch.Generator().manual_seed(int(seed)))
-        xs = xs.to(dev)
+        xs = (xs.pin_memory() if dev.type == "cuda" else xs).to(dev, non_blocking=True)
         si, sj = xs.max(0).values + S + T, xs.min(0).values + S
     mu, var, lambda_lse = torch.ops.anchor.skeleton_row_stats(
         q, k, sink_tokens=S, local_tokens=T, sm_scale=scale)
@@ -766,6 +794,7 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     r_bar = (r_pre[(rows - S + 1).clamp(min=lo_o, max=n)] - r_pre[lo_o]) / cnt[:, None]
     del r_pre
     hi_j = (rows - T + 1).clamp(min=S, max=n)                           # keys [S, i - T]
+    hi_last = min(max(n - T, S), n)                                     # hi_j[-1], on the host
     rd = r.shape[1]
 
     def unroped(b, g):                                                  # line 2, as decompose
@@ -782,7 +811,7 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
         for g in range(hkv):
             kt = unroped(b, g)
             k_pre = _row_prefix(kt)
-            k_bar_last[b, g] = (k_pre[hi_j[-1]] - k_pre[S]) / cnt[-1]
+            k_bar_last[b, g] = (k_pre[hi_last] - k_pre[S]) / cnt[-1]
             if fit:
                 k_bar = (k_pre[hi_j[si]] - k_pre[S]) / cnt[si, None]
                 a = torch.cat([r_sampled, kt[sj] - k_bar], dim=1)       # (samples, rd + D)
@@ -978,15 +1007,16 @@ def select(q, k, *, rope_base=None, rotary_dim=None, eps=0.8, sparsity=None, blo
     over the group would turn every slash into a wide band.
 
     On CUDA inputs that :func:`cuda_path_supported` covers (the defaults with fp16 / bf16
-    and D 64 or 128) this runs the kernels of ``csrc/cuda/skeleton.cu`` via
-    :func:`fused_components`, with no host synchronisation; other arguments run the
-    PyTorch implementation below on any device.
+    on Hopper and D 64 or 128) this runs the kernels of ``csrc/cuda/skeleton.cu`` via
+    :func:`fused_components`, with no host synchronisation beyond the NaN/Inf scan; other
+    arguments run the PyTorch implementation below on any device (with a
+    :class:`SkeletonPathWarning` on CUDA tensors).
     """
     if granularity not in ("block", "key"):
         raise ValueError(f"granularity must be 'block' or 'key', got {granularity!r}")
     _check_mask_args(eps, sparsity, mask_block, slash_pool, budget)
     cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
-    if cuda_path_supported(q, granularity=granularity, sparsity=sparsity, budget=budget,
+    if cuda_path_supported(q, k, granularity=granularity, sparsity=sparsity, budget=budget,
                            block_size=block_size, step=step, init_blocks=init_blocks,
                            local_blocks=local_blocks, mask_block=mask_block,
                            sink_tokens=sink_tokens, local_tokens=local_tokens):
@@ -995,6 +1025,11 @@ def select(q, k, *, rope_base=None, rotary_dim=None, eps=0.8, sparsity=None, blo
                             rotary_dim=rotary_dim, sm_scale=sm_scale, samples=samples,
                             ridge=ridge, seed=seed, sink_tokens=sink_tokens,
                             local_tokens=local_tokens, calib_rows=calib_rows)
+    if q.is_cuda and q.shape[2] > 0:
+        _warn_pytorch_path({"dtype": str(q.dtype).replace("torch.", ""), "head_dim": q.shape[-1],
+                            "granularity": granularity, "sparsity": sparsity, "budget": budget,
+                            "mask_block": mask_block, "sink_tokens": sink_tokens,
+                            "local_tokens": local_tokens, "block_size": block_size})
     bsz, hq, n, _ = q.shape
     groups = num_groups(n, cfg)
     out = torch.zeros(bsz, hq, groups, -(-n // 32), dtype=torch.int32, device=q.device)

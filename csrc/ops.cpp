@@ -323,8 +323,8 @@ at::Tensor skeleton_select_op(const at::Tensor& vertical, const at::Tensor& slas
   expect_shape(horizontal, "horizontal", horizontal_length);
   TORCH_CHECK_VALUE(tau.dim() == 1 && tau.size(0) == heads, "tau: expected shape [", heads,
                     "], got ", shape_of(tau));
-  TORCH_CHECK_VALUE(heads <= 65535 && groups <= (int64_t(1) << 31) - 1,
-                    "vertical: the CUDA kernel supports at most 65535 heads, got ", heads);
+  TORCH_CHECK_VALUE(heads <= 65535, "vertical: the CUDA kernel supports at most 65535 heads, got ",
+                    heads);
   TORCH_CHECK_NOT_IMPLEMENTED(is_cuda(vertical), "anchor::skeleton_select: CUDA tensors only "
                               "(got ", vertical.device(), "); on CPU anchor_ext.skeleton.select "
                               "builds the selection in PyTorch");

@@ -5,6 +5,7 @@ The op-level argument checks run everywhere; the kernel comparisons need a GPU.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -72,42 +73,46 @@ CASES = [  # (n, q heads, kv heads, head dim, dtype, profile)
     (3000, 4, 1, 128, torch.bfloat16, "realistic"),   # tail: N not a multiple of 64 or 128
     (1100, 2, 2, 128, torch.float16, "slash"),
     (4096, 8, 2, 128, torch.bfloat16, "staircase"),
-    (200, 2, 1, 64, torch.float16, "realistic"),      # a few rows with interior
+    (520, 2, 1, 64, torch.float16, "realistic"),      # 5 groups: a short middle region
 ]
 
 
-def _inputs(n, hq, hkv, d, dtype, profile, batch=1):
+def _inputs(n, hq, hkv, d, dtype, profile, batch=1, sdpa_layout=False):
     q, k, _ = synthetic.make_qkv(n, batch=batch, q_heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype,
                                  device="cuda", seed=1, profile=profile)
+    if sdpa_layout:  # (B, N, H, D) storage seen as (B, H, N, D): non-unit head and row strides
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
     return q, k
 
 
 @requires_cuda
 @pytest.mark.parametrize("n,hq,hkv,d,dtype,profile", CASES)
-def test_row_stats_match_brute_force(n, hq, hkv, d, dtype, profile):
-    q, k = _inputs(n, hq, hkv, d, dtype, profile)
-    mu, var, lam = torch.ops.anchor.skeleton_row_stats(q, k, sink_tokens=64, local_tokens=32)
+@pytest.mark.parametrize("sink,local,batch,sdpa_layout", [(64, 32, 1, False), (16, 64, 2, True)])
+def test_row_stats_match_brute_force(n, hq, hkv, d, dtype, profile, sink, local, batch, sdpa_layout):
+    q, k = _inputs(n, hq, hkv, d, dtype, profile, batch=batch, sdpa_layout=sdpa_layout)
+    mu, var, lam = torch.ops.anchor.skeleton_row_stats(q, k, sink_tokens=sink, local_tokens=local)
     rows = torch.arange(n, device="cuda")
     i, j = rows[:, None], rows[None, :]
     causal = j <= i
-    in_lambda = causal & ((j < 64) | (j > i - 32))
+    in_lambda = causal & ((j < sink) | (j > i - local))
     interior = causal & ~in_lambda
     count = interior.sum(-1)
+    b = batch - 1
     for h in range(hq):
-        x = (q[0, h].double() @ k[0, h // (hq // hkv)].double().T) / math.sqrt(d)
+        x = (q[b, h].double() @ k[b, h // (hq // hkv)].double().T) / math.sqrt(d)
         m1 = (x * interior).sum(-1) / count.clamp_min(1)
         m2 = (x * x * interior).sum(-1) / count.clamp_min(1)
         exp_mu = torch.where(count > 0, m1, 0.0)
         exp_var = torch.where(count > 0, m2 - m1 ** 2, 0.0)
         exp_lam = torch.logsumexp(x.masked_fill(~in_lambda, -math.inf), -1)
-        torch.testing.assert_close(mu[0, h].double(), exp_mu, rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(mu[b, h].double(), exp_mu, rtol=1e-4, atol=2e-4)
         # The kernel takes the interior as (causal sums) - (Λ sums) in fp32: a row's variance
         # is off by ~1e-6 of its causal sum of squares over its interior count (visible
         # only on the first interior rows, where that count is 1).
         causal_sq = (x * x * causal).sum(-1)
         bound = 2e-3 + 2e-3 * exp_var.abs() + 4e-6 * causal_sq / count.clamp_min(1)
-        assert ((var[0, h].double() - exp_var).abs() <= bound).all(), (var[0, h] - exp_var).abs().max()
-        torch.testing.assert_close(lam[0, h].double(), exp_lam, rtol=1e-4, atol=2e-4)
+        assert ((var[b, h].double() - exp_var).abs() <= bound).all(), (var[b, h] - exp_var).abs().max()
+        torch.testing.assert_close(lam[b, h].double(), exp_lam, rtol=1e-4, atol=2e-4)
 
 
 @requires_cuda
@@ -145,10 +150,12 @@ def _bits_agree(actual, expected, n, tol=2e-3):
                                      dict(granularity="block", slash_pool="mean", eps=0.2),
                                      dict(granularity="key", step=4, eps=2.0)])
 def test_select_matches_reference(n, hq, hkv, d, dtype, profile, options):
-    q, k = _inputs(n, hq, hkv, d, dtype, profile)
+    q, k = _inputs(n, hq, hkv, d, dtype, profile, batch=2 if n <= 2048 else 1, sdpa_layout=n == 3000)
     assert sk.cuda_path_supported(q, **{key: val for key, val in options.items()
                                          if key in ("granularity", "sparsity", "step")})
-    actual = sk.select(q, k, **ROPE, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sk.SkeletonPathWarning)  # the CUDA path, not PyTorch's
+        actual = sk.select(q, k, **ROPE, **options)
     # The reference path: the same function on CPU copies.
     expected = sk.select(q.cpu(), k.cpu(), **ROPE, **options).cuda()
     assert actual.shape == expected.shape and actual.dtype == torch.int32
@@ -167,12 +174,29 @@ def test_budget_mode_hits_target_on_cuda():
 
 
 @requires_cuda
-def test_skeleton_prefill_on_cuda_matches_stage3_of_the_selection():
+def test_budget_below_the_always_computed_pairs_selects_nothing():
+    n = 2048  # at step 1 the sink and local blocks alone are over 1% of the causal pairs
+    q, k = _inputs(n, 2, 1, 64, torch.bfloat16, "realistic")
+    selection = sk.select(q, k, **ROPE, granularity="key", sparsity=0.99)
+    assert selection.shape == (1, 2, n // 128, n // 32) and not selection.any()
+
+
+@requires_cuda
+def test_pytorch_path_on_cuda_warns():
+    q, k = _inputs(1024, 2, 1, 64, torch.bfloat16, "realistic")
+    sk._WARNED.clear()  # once per option set and process
+    with pytest.warns(sk.SkeletonPathWarning, match="budget"):
+        sk.select(q, k, **ROPE, granularity="block", sparsity=0.5)
+
+
+@requires_cuda
+def test_skeleton_prefill_on_cuda_runs_the_selection_of_select():
     n = 4096
     q, k, v = synthetic.make_qkv(n, q_heads=4, kv_heads=2, head_dim=128, device="cuda", seed=2,
                                  profile="mixed")
     out, stats = anchor_ext.prefill(q, k, v, method="skeleton", path="sparse", return_stats=True,
                                     granularity="key", **ROPE)
+    assert torch.equal(stats["selection"], sk.select(q, k, **ROPE, granularity="key", step=1))
     expected, _ = anchor_ext.sparse_attention(q, k, v, stats["selection"], step=1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert 0.0 < stats["sparsity"] < 1.0

@@ -1,7 +1,8 @@
 // Host side of the CUDA backend (see api.h): validated tensors in, plain params
 // structs filled, kernels launched on the current stream. No host syncs, and
 // no allocation beyond each op's outputs (prefill adds the anchor, partial-lse
-// and selection buffers: 4·B·Hq·N + 4·B·Hq·N + 4·B·Hq·groups·ceil(N/32) bytes).
+// and selection buffers: 4·B·Hq·N + 4·B·Hq·N + 4·B·Hq·groups·ceil(N/32) bytes;
+// skeleton_row_stats adds the Gram prefix of one kv head at a time, see there).
 #include "api.h"
 
 #include <ATen/ATen.h>
@@ -185,6 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats(const at::Tens
                                                                   const Geometry& geo) {
   c10::cuda::CUDAGuard guard(q_in.device());
   check_device(q_in);
+  TORCH_CHECK_VALUE(q_in.size(2) < std::numeric_limits<int32_t>::max() / 2,
+                    "q: the CUDA kernels support N < 2^30 tokens, got N=", q_in.size(2));
+  TORCH_CHECK_VALUE(q_in.size(1) <= 65535, "q: the CUDA kernels support Hq <= 65535, got Hq=",
+                    q_in.size(1));
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const int64_t batch = q.size(0), q_heads = q.size(1), kv_heads = k.size(1);
   const int64_t n = q.size(2), head_dim = q.size(3);
@@ -196,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats(const at::Tens
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunks = (n + kSkeletonChunkRows - 1) / kSkeletonChunkRows;
   const int64_t group = q_heads / kv_heads;
-  // One kv head at a time bounds the Gram prefix to chunks * D^2 floats (64 MiB at
-  // 128k tokens, D 128). Float64 GEMM and prefix sums: the per-row variance is a
-  // difference of large sums.
+  // One kv head at a time bounds the scratch: the keys and chunk Grams in float64 and
+  // their prefix (chunks * D^2 values; the kernel reads it in fp32), about 0.5 GiB at
+  // 128k tokens with D 128, growing linearly with N. Float64 GEMM and prefix sums: the
+  // per-row variance is a difference of large sums.
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t g = 0; g < kv_heads; ++g) {
       const at::Tensor keys = at::constant_pad_nd(k[b][g].to(at::kDouble),

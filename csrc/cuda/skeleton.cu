@@ -32,7 +32,10 @@ namespace {
 constexpr int kStatsRows = 64;     // rows per CTA
 constexpr int kStatsKeys = 64;     // keys per score tile
 constexpr int kStatsThreads = 256; // 16 x 16 threads, 4 x 4 scores each
-static_assert(kSkeletonChunkRows % kStatsRows == 0, "a row tile must lie inside one chunk");
+// A row tile visits key tiles 0, t - 1 and t only: that covers its in-chunk keys when a
+// chunk is two tiles, and its Λ keys when S, T <= 64 (checked by the op).
+static_assert(kSkeletonChunkRows == 2 * kStatsKeys && kStatsRows == kStatsKeys,
+              "the key tiles a row tile visits assume 128-key chunks of two 64-key tiles");
 
 // Per-thread partial sums of its four rows, merged across the 16 threads of a row
 // group at the end.
@@ -254,10 +257,12 @@ __global__ void __launch_bounds__(kSelectThreads) skeleton_select_kernel(const S
       float score;
       if constexpr (kPerBlock) {
         const int key_block = int(key / p.mask_block);
-        float best = -INFINITY;  // max over the group's query blocks I >= key_block
+        // Max over the group's query blocks I >= key_block of (s + v) + h, summed in the
+        // reference's order so that the scores round alike.
+        const float column = vertical[key_block];
+        score = -INFINITY;
         for (int qb = q_block_lo; qb < q_block_hi; ++qb)
-          best = fmaxf(best, slash[qb - key_block] + horizontal[qb]);
-        score = vertical[key_block] + best;
+          score = fmaxf(score, (slash[qb - key_block] + column) + horizontal[qb]);
       } else {
         score = vertical[key] + slash[g0 - key] + h_group;
       }
