@@ -559,6 +559,14 @@ def _sliding_max(x, width):
     return torch.maximum(y, shifted)[..., :n]
 
 
+def _group_max(h, cfg: SparseConfig) -> torch.Tensor:
+    """The largest ``h`` of each group's rows, along the last dim: ``(..., num_groups)``."""
+    n = h.shape[-1]
+    rows = cfg.group_rows
+    padded = torch.nn.functional.pad(h, (0, num_groups(n, cfg) * rows - n), value=-math.inf)
+    return padded.view(*h.shape[:-1], -1, rows).amax(-1)
+
+
 def _key_scores(skel: Skeleton, cfg: SparseConfig, g0: int, g1: int) -> torch.Tensor:
     """Stripe scores of groups ``[g0, g1)``: fp32 ``(g1 - g0, N)``, ``-inf`` outside the
     group's middle region.
@@ -575,19 +583,22 @@ def _key_scores(skel: Skeleton, cfg: SparseConfig, g0: int, g1: int) -> torch.Te
     start = groups * rows_per_group
     keys = torch.arange(n, device=dev)
     window = _sliding_max(skel.s, rows_per_group)                   # max s[o : o + rows]
-    h_pad = torch.nn.functional.pad(skel.h, (0, num_groups(n, cfg) * rows_per_group - n),
-                                    value=-math.inf)
-    h_group = h_pad.view(-1, rows_per_group)[g0:g1].amax(-1)
+    h_group = _group_max(skel.h, cfg)[g0:g1]
     offset = (start[:, None] - keys[None, :]).clamp(0, n - 1)
     scores = skel.v[None, :] + window[offset] + h_group[:, None]
     S = skel.sink_tokens
     sink_exact = torch.nn.functional.pad(skel.sink - skel.lse[:, None],
-                                         (0, 0, 0, h_pad.shape[0] - n), value=-math.inf)
+                                         (0, 0, 0, num_groups(n, cfg) * rows_per_group - n),
+                                         value=-math.inf)
     sink_exact = sink_exact.view(-1, rows_per_group, S)[g0:g1].amax(1)  # (groups, S)
     scores[:, :S] = sink_exact[:, :min(S, n)]
     m1 = torch.clamp(start - cfg.local_blocks * cfg.block_size, min=cfg.sink_end)
     middle = (keys[None, :] >= cfg.sink_end) & (keys[None, :] < m1[:, None])
     return scores.masked_fill(~middle, -math.inf)
+
+
+# Budget mode's bisection on the stripe-score threshold: the interval and the width it stops at.
+_TAU_BOUND, _TAU_WIDTH = 1e3, 1e-4
 
 
 def _always_pairs(n: int, cfg: SparseConfig) -> float:
@@ -634,8 +645,8 @@ def _key_threshold(skel, cfg, *, eps, sparsity, budget, chunk):
             total += float(((scores >= tau).sum(-1).double() * rows[c0:c1]).sum())
         return total
 
-    lo, hi = -1e3, 1e3                                 # log-attention estimates lie inside
-    while hi - lo > 1e-4:                              # pairs_at(tau) falls as tau grows
+    lo, hi = -_TAU_BOUND, _TAU_BOUND                   # log-attention estimates lie inside
+    while hi - lo > _TAU_WIDTH:                        # pairs_at(tau) falls as tau grows
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if pairs_at(mid) > need else (lo, mid)
     return hi
@@ -884,9 +895,7 @@ def _select_cuda(q, k, cfg: SparseConfig, *, eps, sparsity, granularity, mask_bl
         mask_block = 0
         vertical = v
         slash = _sliding_max(s, cfg.group_rows)                         # max s[o : o + rows]
-        groups = num_groups(n, cfg)
-        horizontal = torch.nn.functional.pad(h, (0, groups * cfg.group_rows - n), value=-math.inf) \
-            .view(heads, groups, cfg.group_rows).amax(-1)
+        horizontal = _group_max(h, cfg)
         if sparsity is None:
             tau = torch.full((heads,), math.log(eps / n), device=q.device)
         else:
@@ -899,15 +908,16 @@ def _select_cuda(q, k, cfg: SparseConfig, *, eps, sparsity, granularity, mask_bl
 
 def _key_threshold_cuda(vertical, slash, horizontal, n, cfg, sparsity, geometry):
     """Per-head ``budget="quantile"`` threshold of :func:`_key_threshold`: the same
-    bisection (25 halvings of [-1e3, 1e3], the reference's stopping width), each step one
+    bisection (the reference's interval and stopping width), each step one
     pair-count launch for all heads and no host synchronisation."""
     heads = vertical.shape[0]
     need = (1.0 - sparsity) * n * (n + 1) / 2 - _always_pairs(n, cfg)
     if need <= 0:
         return torch.full((heads,), math.inf, device=vertical.device)
-    lo = torch.full((heads,), -1e3, dtype=torch.float64, device=vertical.device)
-    hi = torch.full((heads,), 1e3, dtype=torch.float64, device=vertical.device)
-    for _ in range(25):                               # 2000 / 2^25 < 1e-4 <= 2000 / 2^24
+    lo = torch.full((heads,), -_TAU_BOUND, dtype=torch.float64, device=vertical.device)
+    hi = torch.full((heads,), _TAU_BOUND, dtype=torch.float64, device=vertical.device)
+    # The reference's loop count: halve 2 * bound until the width is <= _TAU_WIDTH.
+    for _ in range(math.ceil(math.log2(2 * _TAU_BOUND / _TAU_WIDTH))):
         mid = 0.5 * (lo + hi)
         pairs = torch.ops.anchor.skeleton_select(vertical, slash, horizontal, mid.float(), seqlen=n,
                                                  count_pairs=True, **geometry)
