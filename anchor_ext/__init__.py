@@ -10,8 +10,8 @@ Hugging Face transformers: :mod:`anchor_ext.integrations.transformers` registers
 ``"anchor"`` attention implementation.
 
 Modules: :mod:`anchor_ext.ops` (the API and fake impls), :mod:`anchor_ext.reference`
-(pure-PyTorch definitions of every op), :mod:`anchor_ext.metrics` (sparsity, recall,
-error), :mod:`anchor_ext.synthetic` (realistic long-context inputs), ``python -m
+(pure-PyTorch definitions of every op), :mod:`anchor_ext.skeleton` (SparseSkeleton: the
+PyTorch method and its CUDA path), :mod:`anchor_ext.metrics` (sparsity, recall, error), :mod:`anchor_ext.synthetic` (realistic long-context inputs), ``python -m
 anchor_ext.demo`` (the demo).
 """
 
