@@ -808,7 +808,8 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     hi_last = min(max(n - T, S), n)                                     # hi_j[-1], on the host
     rd = r.shape[1]
 
-    def unroped(b, g):                                                  # line 2, as decompose
+    def unroped(b, g):  # line 2, as decompose; run again in the second loop rather than
+        # kept, so only one kv head's float64 keys are alive at a time (1 GiB at 1M tokens, D 128)
         return unrope(k[b, g].float(), None, rope_base, rotary_dim).double()
 
     # Lines 11-13: one ridge system per kv head (A is shared by its q heads), solved in a batch.
@@ -837,8 +838,9 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     if fit:
         solution = torch.linalg.solve_ex(torch.stack(systems), torch.stack(rhs))[0]
         coef = solution.view(bsz, hkv, rd + d, group)
-        resid = torch.stack(targets).transpose(1, 2) - torch.stack(designs) @ solution
-        fit_r2 = (1.0 - resid.var(1) / torch.stack(targets).var(2).clamp_min(1e-30)).view(bsz, hq)
+        targets = torch.stack(targets)                                  # (B Hkv, group, samples)
+        resid = targets.transpose(1, 2) - torch.stack(designs) @ solution
+        fit_r2 = (1.0 - resid.var(1) / targets.var(2).clamp_min(1e-30)).view(bsz, hq)
         del systems, rhs, designs, targets
     alpha = coef[:, :, :rd].transpose(2, 3).reshape(bsz, hq, rd)
     kappa = coef[:, :, rd:].transpose(2, 3).reshape(bsz, hq, d)
@@ -849,7 +851,6 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     eps = torch.empty(bsz, hq, n, dtype=torch.float64, device=dev)
     zeta = torch.zeros(bsz, hq, dtype=torch.float64, device=dev)
     calib = torch.arange(max(n - calib_rows, S + T), n, device=dev)
-    keys = torch.arange(n, device=dev)
     for b in range(bsz):
         for g in range(hkv):
             heads = slice(g * group, (g + 1) * group)
@@ -860,7 +861,7 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
             eps[b, heads] = ((w_pre[hi_j] - w_pre[S]) / cnt[:, None] - last).T
             if calib.numel():
                 x = (q[b, heads][:, calib].float() @ k[b, g].float().T).double() * scale
-                inside = (keys[None, :] >= S) & (keys[None, :] <= calib[:, None] - T)
+                inside = (rows[None, :] >= S) & (rows[None, :] <= calib[:, None] - T)  # keys
                 lse_int = torch.logsumexp(x.masked_fill(~inside, -math.inf), dim=-1)
                 log_mean = lse_int - torch.log(cnt[calib]) - mu[b, heads][:, calib]
                 zeta[b, heads] = (var[b, heads][:, calib] / 2 - log_mean).mean(-1)
