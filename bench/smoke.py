@@ -16,10 +16,12 @@ def check(n, hq, hkv, d, dtype, theta=3.0, **geometry):
     diff = ref.unpack_bits(s, n) != ref.unpack_bits(s_ref, n)
     o, lse = anchor_ext.sparse_attention(q, k, v, s, **geometry)
     o_ref, lse_ref = ref.sparse_attention(q, k, v, s, **geometry)
+    fused = anchor_ext.prefill(q, k, v, theta=theta, path="sparse", **geometry)
     print(f"n={n} hq={hq} hkv={hkv} d={d} {dtype} {geometry}: anchor err {(a - a_ref).abs().max():.2e} | "
           f"selection diff {int(diff.sum())} (away from ties {int((diff & (margin >= 1e-3)).sum())}, "
           f"selected {int(ref.unpack_bits(s_ref, n).sum())}) | out err {(o.float() - o_ref).abs().max():.2e} "
-          f"lse err {(lse - lse_ref).abs().max():.2e}", flush=True)
+          f"lse err {(lse - lse_ref).abs().max():.2e} | fused prefill vs stages "
+          f"{(fused.float() - o.float()).abs().max():.2e}", flush=True)
 
 
 def check_skeleton(n, hq, hkv, d, dtype, **options):
@@ -40,9 +42,11 @@ def check_skeleton(n, hq, hkv, d, dtype, **options):
 if __name__ == "__main__":
     import sys
 
-    if "--quick" in sys.argv:  # a small case, e.g. under compute-sanitizer
+    if "--quick" in sys.argv:  # small cases, e.g. under compute-sanitizer: tails, GQA 1/2/4/8
         check(700, 2, 1, 128, torch.bfloat16, theta=8.0, step=2)
         check(300, 2, 2, 64, torch.float16, theta=8.0, step=1)
+        check(1000, 4, 1, 64, torch.bfloat16, theta=4.0, step=3, init_blocks=2, local_blocks=0)
+        check(777, 8, 1, 128, torch.float16, theta=8.0, step=1)
         check_skeleton(700, 2, 1, 128, torch.bfloat16, granularity="key", sparsity=0.5)
         check_skeleton(1000, 2, 2, 64, torch.float16, granularity="block")
         sys.exit(0)

@@ -1,7 +1,8 @@
 // Op schema, argument checks and dispatch (the FlashAttention flash_api.cpp role).
 //
 // Every public op validates its arguments here, once, with messages that name
-// the argument and give the expected and the actual value; the backends
+// the argument and give the expected and the actual value (built by check.h,
+// never through std::ostream); the backends
 // (csrc/cpu/, csrc/cuda/) receive validated tensors and a plain Geometry.
 #include "ops.h"
 
@@ -10,9 +11,13 @@
 
 #include <atomic>
 #include <cmath>
-#include <sstream>
+#include <initializer_list>
+#include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "check.h"
 #include "cpu/stages_cpu.h"
 #include "geometry.h"
 #ifdef ANCHOR_WITH_CUDA
@@ -24,59 +29,55 @@ namespace {
 
 std::atomic<bool> g_check_finite{true};
 
-std::string shape_of(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+std::string shape_of(const at::Tensor& t) { return detail::message(t.sizes()); }
 
 bool is_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
 // q (B, Hq, N, D), k and v (B, Hkv, N, D): ranks, matching sizes, GQA ratio,
 // dtype, device, unit stride on D, supported head dim.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v) {
-  TORCH_CHECK_VALUE(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, N, D), got shape ",
+  ANCHOR_CHECK_VALUE(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, N, D), got shape ",
                     shape_of(q));
-  TORCH_CHECK_VALUE(k.dim() == 4, "k: expected a 4-D tensor (B, Hkv, N, D), got shape ",
+  ANCHOR_CHECK_VALUE(k.dim() == 4, "k: expected a 4-D tensor (B, Hkv, N, D), got shape ",
                     shape_of(k));
-  TORCH_CHECK_VALUE(k.device() == q.device(), "k: expected device ", q.device(),
+  ANCHOR_CHECK_VALUE(k.device() == q.device(), "k: expected device ", q.device(),
                     " (the device of q), got ", k.device());
-  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type(), "k: expected dtype ", q.scalar_type(),
+  ANCHOR_CHECK_VALUE(k.scalar_type() == q.scalar_type(), "k: expected dtype ", q.scalar_type(),
                     " (the dtype of q), got ", k.scalar_type());
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
+  ANCHOR_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
                     "k: expected shape (B, Hkv, N, D) with B, N, D of q ", shape_of(q),
                     ", got ", shape_of(k));
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+  ANCHOR_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
                     "k: the number of kv heads must divide the number of q heads (GQA), got "
                     "Hq=", q.size(1), " and Hkv=", k.size(1));
   if (v != nullptr) {
-    TORCH_CHECK_VALUE(v->device() == q.device(), "v: expected device ", q.device(),
+    ANCHOR_CHECK_VALUE(v->device() == q.device(), "v: expected device ", q.device(),
                       " (the device of q), got ", v->device());
-    TORCH_CHECK_VALUE(v->scalar_type() == q.scalar_type(), "v: expected dtype ",
+    ANCHOR_CHECK_VALUE(v->scalar_type() == q.scalar_type(), "v: expected dtype ",
                       q.scalar_type(), " (the dtype of q), got ", v->scalar_type());
-    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), "v: expected the shape of k ", shape_of(k),
+    ANCHOR_CHECK_VALUE(v->sizes() == k.sizes(), "v: expected the shape of k ", shape_of(k),
                       ", got ", shape_of(*v));
   }
   const auto dtype = q.scalar_type();
   const int64_t head_dim = q.size(3);
   if (is_cuda(q)) {
-    TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16,
+    ANCHOR_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16,
                       "q: expected dtype float16 or bfloat16 on CUDA, got ", dtype);
-    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128,
+    ANCHOR_CHECK_VALUE(head_dim == 64 || head_dim == 128,
                       "q: expected head dim D in {64, 128} on CUDA, got D=", head_dim);
   } else {
-    TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU or CUDA tensor, got device ",
+    ANCHOR_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU or CUDA tensor, got device ",
                       q.device());
-    TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+    ANCHOR_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
                       "q: expected dtype float32, float16 or bfloat16, got ", dtype);
-    TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256,
+    ANCHOR_CHECK_VALUE(head_dim >= 1 && head_dim <= 256,
                       "q: expected head dim D in [1, 256] on CPU, got D=", head_dim);
   }
   const at::Tensor* named[] = {&q, &k, v};
   const char* names[] = {"q", "k", "v"};
   for (int i = 0; i < 3; ++i) {
     if (named[i] == nullptr || named[i]->numel() == 0) continue;
-    TORCH_CHECK_VALUE(named[i]->stride(3) == 1, names[i],
+    ANCHOR_CHECK_VALUE(named[i]->stride(3) == 1, names[i],
                       ": expected unit stride on the last (head) dimension, got strides ",
                       named[i]->strides());
   }
@@ -91,31 +92,44 @@ bool stream_is_capturing(const at::Tensor& t) {
 #endif
 }
 
-// NaN/Inf in q or k would make every comparison false and silently drop keys.
-// Checked through the min and max only (NaN propagates through both): two
-// reductions, no temporary the size of the input, one host read.
-void check_finite(const at::Tensor& t, const char* name) {
-  if (!g_check_finite.load(std::memory_order_relaxed) || t.numel() == 0) return;
-  if (stream_is_capturing(t)) return;  // a host read is illegal during graph capture
-  const auto [lowest, highest] = at::aminmax(t);
-  const at::Tensor ends = at::stack({lowest, highest}).to(at::kFloat).cpu();
-  const float* end = ends.data_ptr<float>();
-  TORCH_CHECK_VALUE(std::isfinite(end[0]) && std::isfinite(end[1]), name,
-                    ": expected finite values, found NaN or Inf");
+// NaN/Inf in q or k would make every comparison false and silently drop keys; in v
+// it would spread through every query block that reads the key. So the inputs are
+// checked, through their min and max only (NaN propagates through both): two
+// reductions per tensor, no temporary the size of an input, one host read for all.
+void check_finite(std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
+  if (!g_check_finite.load(std::memory_order_relaxed)) return;
+  std::vector<at::Tensor> ends;
+  std::vector<const char*> names;
+  for (const auto& [t, name] : inputs) {
+    if (t->numel() == 0) continue;
+    if (stream_is_capturing(*t)) return;  // a host read is illegal during graph capture
+    const auto [lowest, highest] = at::aminmax(*t);
+    ends.push_back(lowest.to(at::kFloat).reshape({1}));
+    ends.push_back(highest.to(at::kFloat).reshape({1}));
+    names.push_back(name);
+  }
+  if (ends.empty()) return;
+  const at::Tensor host = at::cat(ends).cpu();
+  const float* end = host.data_ptr<float>();
+  for (size_t i = 0; i < names.size(); ++i) {
+    ANCHOR_CHECK_VALUE(std::isfinite(end[2 * i]) && std::isfinite(end[2 * i + 1]), names[i],
+                       ": expected finite values, found NaN or Inf (anchor_ext.set_check_finite"
+                       "(False) skips this scan)");
+  }
 }
 
 Geometry make_geometry(const at::Tensor& q, int64_t block_size, int64_t step,
                        int64_t init_blocks, int64_t local_blocks, std::optional<double> sm_scale) {
-  TORCH_CHECK_VALUE(block_size > 0 && block_size <= (1 << 20),
+  ANCHOR_CHECK_VALUE(block_size > 0 && block_size <= (1 << 20),
                     "block_size: expected a positive integer, got ", block_size);
-  TORCH_CHECK_VALUE(step > 0 && step <= (1 << 20), "step: expected a positive integer, got ",
+  ANCHOR_CHECK_VALUE(step > 0 && step <= (1 << 20), "step: expected a positive integer, got ",
                     step);
-  TORCH_CHECK_VALUE(init_blocks >= 0 && init_blocks <= (1 << 20),
+  ANCHOR_CHECK_VALUE(init_blocks >= 0 && init_blocks <= (1 << 20),
                     "init_blocks: expected a non-negative integer, got ", init_blocks);
-  TORCH_CHECK_VALUE(local_blocks >= 0 && local_blocks <= (1 << 20),
+  ANCHOR_CHECK_VALUE(local_blocks >= 0 && local_blocks <= (1 << 20),
                     "local_blocks: expected a non-negative integer, got ", local_blocks);
   if (is_cuda(q)) {
-    TORCH_CHECK_VALUE(block_size == 128, "block_size: the CUDA kernels support 128, got ",
+    ANCHOR_CHECK_VALUE(block_size == 128, "block_size: the CUDA kernels support 128, got ",
                       block_size);
   }
   Geometry geo;
@@ -126,22 +140,46 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, int64_t step,
   const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(double(q.size(3)));
   // The kernels use it as a float: check what they will see (1e40 or 1e-50 would not survive).
   geo.sm_scale = static_cast<float>(scale);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && std::isfinite(geo.sm_scale) && geo.sm_scale > 0,
+  ANCHOR_CHECK_VALUE(std::isfinite(scale) && std::isfinite(geo.sm_scale) && geo.sm_scale > 0,
                     "sm_scale: expected a finite positive number representable as float32, got ",
                     scale);
   return geo;
 }
 
+// The CUDA kernels' grid and index limits (csrc/ops.cpp checks them for every q-based op,
+// so path="auto" rejects what the sparse kernels would, even where it runs dense).
+void check_cuda_launch_limits(const at::Tensor& q, const Geometry& geo) {
+  if (!is_cuda(q)) return;
+  const int64_t n = q.size(2);
+  ANCHOR_CHECK_VALUE(n < std::numeric_limits<int32_t>::max() / 2,
+                     "q: the CUDA kernels support N < 2^30 tokens, got N=", n);
+  ANCHOR_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535,
+                     "q: the CUDA kernels support B <= 65535 and Hq <= 65535, got B=", q.size(0),
+                     ", Hq=", q.size(1));
+  ANCHOR_CHECK_VALUE(geo.step <= 256, "step: the CUDA identify kernel supports step <= 256, got ",
+                     geo.step);
+  ANCHOR_CHECK_VALUE(geo.num_groups(n) <= 65535, "step: at most 65535 groups on CUDA, got ",
+                     geo.num_groups(n), " (N=", n, ", step=", geo.step, ")");
+}
+
+// make_geometry plus the CUDA limits: the geometry of an op on q (B, Hq, N, D).
+Geometry geometry_of_q(const at::Tensor& q, int64_t block_size, int64_t step, int64_t init_blocks,
+                       int64_t local_blocks, std::optional<double> sm_scale) {
+  const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  check_cuda_launch_limits(q, geo);
+  return geo;
+}
+
 void check_theta(double theta) {
-  TORCH_CHECK_VALUE(!std::isnan(theta), "theta: expected a number (inf keeps every key), got NaN");
+  ANCHOR_CHECK_VALUE(!std::isnan(theta), "theta: expected a number (inf keeps every key), got NaN");
 }
 
 void check_anchor_scores(const at::Tensor& q, const at::Tensor& anchor_scores) {
-  TORCH_CHECK_VALUE(anchor_scores.device() == q.device(), "anchor: expected device ", q.device(),
+  ANCHOR_CHECK_VALUE(anchor_scores.device() == q.device(), "anchor: expected device ", q.device(),
                     " (the device of q), got ", anchor_scores.device());
-  TORCH_CHECK_VALUE(anchor_scores.scalar_type() == at::kFloat,
+  ANCHOR_CHECK_VALUE(anchor_scores.scalar_type() == at::kFloat,
                     "anchor: expected dtype float32, got ", anchor_scores.scalar_type());
-  TORCH_CHECK_VALUE(anchor_scores.dim() == 3 && anchor_scores.size(0) == q.size(0) &&
+  ANCHOR_CHECK_VALUE(anchor_scores.dim() == 3 && anchor_scores.size(0) == q.size(0) &&
                         anchor_scores.size(1) == q.size(1) && anchor_scores.size(2) == q.size(2),
                     "anchor: expected shape (B, Hq, N) = [", q.size(0), ", ", q.size(1), ", ",
                     q.size(2), "], got ", shape_of(anchor_scores));
@@ -150,11 +188,11 @@ void check_anchor_scores(const at::Tensor& q, const at::Tensor& anchor_scores) {
 void check_selection(const at::Tensor& q, const at::Tensor& selection, const Geometry& geo) {
   const int64_t n = q.size(2);
   const int64_t groups = geo.num_groups(n), words = selection_words(n);
-  TORCH_CHECK_VALUE(selection.device() == q.device(), "selection: expected device ", q.device(),
+  ANCHOR_CHECK_VALUE(selection.device() == q.device(), "selection: expected device ", q.device(),
                     " (the device of q), got ", selection.device());
-  TORCH_CHECK_VALUE(selection.scalar_type() == at::kInt, "selection: expected dtype int32, got ",
+  ANCHOR_CHECK_VALUE(selection.scalar_type() == at::kInt, "selection: expected dtype int32, got ",
                     selection.scalar_type());
-  TORCH_CHECK_VALUE(selection.dim() == 4 && selection.size(0) == q.size(0) &&
+  ANCHOR_CHECK_VALUE(selection.dim() == 4 && selection.size(0) == q.size(0) &&
                         selection.size(1) == q.size(1) && selection.size(2) == groups &&
                         selection.size(3) == words,
                     "selection: expected shape (B, Hq, num_groups, ceil(N/32)) = [", q.size(0),
@@ -162,7 +200,7 @@ void check_selection(const at::Tensor& q, const at::Tensor& selection, const Geo
 }
 
 [[noreturn]] void no_cuda_kernels(const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "anchor::", op,
+  ANCHOR_CHECK_NOT_IMPLEMENTED(false, "anchor::", op,
                               ": this anchor_ext build has no CUDA kernels (it was built "
                               "without nvcc); reinstall on a machine with the CUDA toolkit");
 }
@@ -183,9 +221,8 @@ bool built_with_cuda() {
 at::Tensor anchor_op(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t step,
                      int64_t init_blocks, int64_t local_blocks, std::optional<double> sm_scale) {
   check_qkv(q, k, nullptr);
-  const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
-  check_finite(q, "q");
-  check_finite(k, "k");
+  const Geometry geo = geometry_of_q(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  check_finite({{&q, "q"}, {&k, "k"}});
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA
     return cuda::anchor(q, k, geo);
@@ -201,10 +238,9 @@ at::Tensor identify_op(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        int64_t local_blocks, std::optional<double> sm_scale) {
   check_qkv(q, k, nullptr);
   check_theta(theta);
-  const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  const Geometry geo = geometry_of_q(q, block_size, step, init_blocks, local_blocks, sm_scale);
   check_anchor_scores(q, anchor_scores);
-  check_finite(q, "q");
-  check_finite(k, "k");
+  check_finite({{&q, "q"}, {&k, "k"}});
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA
     return cuda::identify(q, k, anchor_scores, theta, geo);
@@ -220,8 +256,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_op(
     int64_t block_size, int64_t step, int64_t init_blocks, int64_t local_blocks,
     std::optional<double> sm_scale) {
   check_qkv(q, k, &v);
-  const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  const Geometry geo = geometry_of_q(q, block_size, step, init_blocks, local_blocks, sm_scale);
   check_selection(q, selection, geo);
+  check_finite({{&q, "q"}, {&k, "k"}, {&v, "v"}});
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA
     return cuda::sparse_attention(q, k, v, selection, geo);
@@ -237,10 +274,9 @@ void check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         int64_t local_blocks, std::optional<double> sm_scale, bool scan_finite) {
   check_qkv(q, k, &v);
   check_theta(theta);
-  make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  geometry_of_q(q, block_size, step, init_blocks, local_blocks, sm_scale);
   if (!scan_finite) return;
-  check_finite(q, "q");
-  check_finite(k, "k");
+  check_finite({{&q, "q"}, {&k, "k"}, {&v, "v"}});
 }
 
 at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double theta,
@@ -248,7 +284,7 @@ at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       std::optional<double> sm_scale) {
   check_prefill_args(q, k, v, theta, block_size, step, init_blocks, local_blocks, sm_scale,
                      /*scan_finite=*/true);
-  const Geometry geo = make_geometry(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  const Geometry geo = geometry_of_q(q, block_size, step, init_blocks, local_blocks, sm_scale);
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA
     return cuda::prefill(q, k, v, theta, geo);
@@ -267,16 +303,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats_op(
     const at::Tensor& q, const at::Tensor& k, int64_t sink_tokens, int64_t local_tokens,
     std::optional<double> sm_scale) {
   check_qkv(q, k, nullptr);
-  TORCH_CHECK_VALUE(sink_tokens >= 1 && sink_tokens <= 64,
+  ANCHOR_CHECK_VALUE(sink_tokens >= 1 && sink_tokens <= 64,
                     "sink_tokens: the CUDA row statistics support 1 <= S <= 64, got ", sink_tokens);
-  TORCH_CHECK_VALUE(local_tokens >= 1 && local_tokens <= 64,
+  ANCHOR_CHECK_VALUE(local_tokens >= 1 && local_tokens <= 64,
                     "local_tokens: the CUDA row statistics support 1 <= T <= 64, got ",
                     local_tokens);
   // Only sm_scale is used; block_size 128 passes the CUDA geometry check.
   const Geometry geo = make_geometry(q, 128, 1, 1, 1, sm_scale);
-  check_finite(q, "q");
-  check_finite(k, "k");
-  TORCH_CHECK_NOT_IMPLEMENTED(is_cuda(q), "anchor::skeleton_row_stats: CUDA tensors only (got ",
+  check_finite({{&q, "q"}, {&k, "k"}});
+  ANCHOR_CHECK_NOT_IMPLEMENTED(is_cuda(q), "anchor::skeleton_row_stats: CUDA tensors only (got ",
                               q.device(), "); on CPU anchor_ext.skeleton computes the "
                               "statistics in PyTorch");
 #ifdef ANCHOR_WITH_CUDA
@@ -290,17 +325,17 @@ at::Tensor skeleton_select_op(const at::Tensor& vertical, const at::Tensor& slas
                               const at::Tensor& horizontal, const at::Tensor& tau, int64_t seqlen,
                               int64_t mask_block, bool count_pairs, int64_t block_size,
                               int64_t step, int64_t init_blocks, int64_t local_blocks) {
-  TORCH_CHECK_VALUE(vertical.dim() == 2, "vertical: expected a 2-D tensor (heads, length), got shape ",
+  ANCHOR_CHECK_VALUE(vertical.dim() == 2, "vertical: expected a 2-D tensor (heads, length), got shape ",
                     shape_of(vertical));
-  TORCH_CHECK_VALUE(seqlen >= 0 && seqlen < (int64_t(1) << 30),
+  ANCHOR_CHECK_VALUE(seqlen >= 0 && seqlen < (int64_t(1) << 30),
                     "seqlen: expected 0 <= N < 2^30, got ", seqlen);
   const Geometry geo = make_geometry(vertical, block_size, step, init_blocks, local_blocks, 1.0);
   const int64_t heads = vertical.size(0), groups = geo.num_groups(seqlen);
-  TORCH_CHECK_VALUE(mask_block >= 0, "mask_block: expected >= 0 (0 selects per key), got ",
+  ANCHOR_CHECK_VALUE(mask_block >= 0, "mask_block: expected >= 0 (0 selects per key), got ",
                     mask_block);
   int64_t length = seqlen, horizontal_length = groups;
   if (mask_block > 0) {
-    TORCH_CHECK_VALUE(block_size % mask_block == 0,
+    ANCHOR_CHECK_VALUE(block_size % mask_block == 0,
                       "mask_block: expected a divisor of block_size=", block_size,
                       " (a mask block must not straddle the middle region's ends), got ",
                       mask_block);
@@ -309,23 +344,23 @@ at::Tensor skeleton_select_op(const at::Tensor& vertical, const at::Tensor& slas
   const std::pair<const at::Tensor*, const char*> components[] = {
       {&vertical, "vertical"}, {&slash, "slash"}, {&horizontal, "horizontal"}, {&tau, "tau"}};
   for (const auto& [t, name] : components) {
-    TORCH_CHECK_VALUE(t->device() == vertical.device(), name, ": expected device ",
+    ANCHOR_CHECK_VALUE(t->device() == vertical.device(), name, ": expected device ",
                       vertical.device(), " (the device of vertical), got ", t->device());
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+    ANCHOR_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
                       t->scalar_type());
   }
   const auto expect_shape = [&](const at::Tensor& t, const char* name, int64_t len) {
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == heads && t.size(1) == len, name,
+    ANCHOR_CHECK_VALUE(t.dim() == 2 && t.size(0) == heads && t.size(1) == len, name,
                       ": expected shape [", heads, ", ", len, "], got ", shape_of(t));
   };
   expect_shape(vertical, "vertical", length);
   expect_shape(slash, "slash", length);
   expect_shape(horizontal, "horizontal", horizontal_length);
-  TORCH_CHECK_VALUE(tau.dim() == 1 && tau.size(0) == heads, "tau: expected shape [", heads,
+  ANCHOR_CHECK_VALUE(tau.dim() == 1 && tau.size(0) == heads, "tau: expected shape [", heads,
                     "], got ", shape_of(tau));
-  TORCH_CHECK_VALUE(heads <= 65535, "vertical: the CUDA kernel supports at most 65535 heads, got ",
+  ANCHOR_CHECK_VALUE(heads <= 65535, "vertical: the CUDA kernel supports at most 65535 heads, got ",
                     heads);
-  TORCH_CHECK_NOT_IMPLEMENTED(is_cuda(vertical), "anchor::skeleton_select: CUDA tensors only "
+  ANCHOR_CHECK_NOT_IMPLEMENTED(is_cuda(vertical), "anchor::skeleton_select: CUDA tensors only "
                               "(got ", vertical.device(), "); on CPU anchor_ext.skeleton.select "
                               "builds the selection in PyTorch");
 #ifdef ANCHOR_WITH_CUDA

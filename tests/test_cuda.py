@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import anchor_ext
 from anchor_ext import synthetic
+from bench.bad_inputs import CASES as BAD_INPUTS
+from bench.bad_inputs import make_case as make_bad_case
 from conftest import HAS_CUDA, OUT_TOL, compare_stages_with_reference, make_inputs
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
@@ -71,16 +73,29 @@ def test_prefill_is_graph_capturable():
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
 
 
-def test_cuda_rejects_unsupported():
-    q, k, v = make_inputs(1, 2, 1, 64, 96, torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match=r"head dim D in \{64, 128\} on CUDA, got D=96"):
-        anchor_ext.prefill(q, k, v)
-    q, k, v = make_inputs(1, 2, 1, 64, 64, torch.float32, device="cuda")
-    with pytest.raises(ValueError, match="float16 or bfloat16 on CUDA"):
-        anchor_ext.prefill(q, k, v)
-    q, k, v = make_inputs(1, 2, 1, 64, 64, torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="block_size: the CUDA kernels support 128, got 64"):
-        anchor_ext.prefill(q, k, v, block_size=64)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_cuda_rejects_bad_inputs(case):
+    """Every bad input raises ValueError naming the argument and the values, in-process
+    (bench.bad_inputs prints the same table, a child process per case)."""
+    q, k, v, options = make_bad_case(case, "cuda")
+    with pytest.raises(ValueError, match=BAD_INPUTS[case][-1]):
+        anchor_ext.prefill(q, k, v, path="sparse", **options)
+    with pytest.raises(ValueError, match=BAD_INPUTS[case][-1]):
+        anchor_ext.prefill(q, k, v, path="auto", **options)
+
+
+def test_out_of_memory_names_the_buffer():
+    q, k, v = make_inputs(1, 8, 2, 65536, 128, torch.bfloat16, device="cuda", seed=11)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(q.device).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 32 * 2**20) / total)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match=r"anchor_ext: out of GPU memory allocating "
+                           r"out of shape \[1, 8, 65536, 128\] \(0\.1[23] GiB\)"):
+            anchor_ext.prefill(q, k, v, path="sparse")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 @pytest.mark.parametrize("layout", ["row_stride_65", "offset_by_one", "heads_last"])

@@ -71,13 +71,20 @@ def test_bad_options(qkv, name, value, match):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
 def test_non_finite_inputs(qkv, bad, which):
+    """NaN/Inf in q or k would silently drop keys, in v it would spread through every
+    block reading the key: all three are scanned, with one host read."""
     q, k, v = (t.clone() for t in qkv)
-    {"q": q, "k": k}[which][0, 1, 5, 3] = bad
-    expect_value_error(rf"{which}: expected finite values, found NaN or Inf", anchor_ext.prefill,
-                       q, k, v)
-    expect_value_error(rf"{which}: expected finite values", anchor_ext.anchor, q, k)
+    selection = anchor_ext.identify(q, k, anchor_ext.anchor(q, k))
+    {"q": q, "k": k, "v": v}[which][0, 1, 5, 3] = bad
+    for path in ("sparse", "dense", "auto"):
+        expect_value_error(rf"{which}: expected finite values, found NaN or Inf", anchor_ext.prefill,
+                           q, k, v, path=path)
+    expect_value_error(rf"{which}: expected finite values", anchor_ext.sparse_attention, q, k, v,
+                       selection)
+    if which != "v":
+        expect_value_error(rf"{which}: expected finite values", anchor_ext.anchor, q, k)
 
 
 def test_finite_scan_can_be_disabled(qkv):
@@ -116,3 +123,4 @@ def test_unknown_method_and_option(qkv):
 def test_device_mix(qkv):
     q, k, v = qkv
     expect_value_error(r"k: expected device", anchor_ext.prefill, q.cuda().half(), k.half(), v.half())
+

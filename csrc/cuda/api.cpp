@@ -13,23 +13,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "../check.h"
 #include "params.h"
 
 namespace anchor::cuda {
 namespace {
-
-void check_launch_limits(const at::Tensor& q, const Geometry& geo) {
-  const int64_t n = q.size(2);
-  TORCH_CHECK_VALUE(n < std::numeric_limits<int32_t>::max() / 2,
-                    "q: the CUDA kernels support N < 2^30 tokens, got N=", n);
-  TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535,
-                    "q: the CUDA kernels support B <= 65535 and Hq <= 65535, got B=", q.size(0),
-                    ", Hq=", q.size(1));
-  TORCH_CHECK_VALUE(geo.num_groups(n) <= 65535, "step: at most 65535 groups on CUDA, got ",
-                    geo.num_groups(n));
-  TORCH_CHECK_VALUE(geo.step <= 256, "step: the CUDA identify kernel supports step <= 256, got ",
-                    geo.step);
-}
 
 // The kernels copy rows with 16-byte cp.async: a row start must be 16-byte aligned,
 // i.e. the data pointer and every stride but D's a multiple of 8 elements.
@@ -45,16 +33,31 @@ bool rows_are_16b_aligned(const at::Tensor& t) {
 // or a row stride of 65): legal inputs, which the copies could not read directly.
 at::Tensor aligned_rows(const at::Tensor& t) { return rows_are_16b_aligned(t) ? t : t.contiguous(); }
 
+// at::empty, with an out-of-memory error that says which buffer of ours did not fit and
+// its size (torch's own message follows it).
+at::Tensor allocate(const char* what, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  try {
+    return at::empty(sizes, options);
+  } catch (const c10::OutOfMemoryError& error) {
+    int64_t bytes = int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+    for (const int64_t size : sizes) bytes *= size;
+    throw c10::OutOfMemoryError(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        detail::message("anchor_ext: out of GPU memory allocating ", what, " of shape ", sizes,
+                        " (", detail::Fixed{double(bytes) / double(1 << 30)}, " GiB): ",
+                        error.what_without_backtrace()));
+  }
+}
+
 void check_device(const at::Tensor& q) {
   const auto* props = at::cuda::getDeviceProperties(q.device().index());
-  TORCH_CHECK_VALUE(props->major == 9, "q: the anchor_ext CUDA kernels are built for Hopper (sm_90a), got ",
+  ANCHOR_CHECK_VALUE(props->major == 9, "q: the anchor_ext CUDA kernels are built for Hopper (sm_90a), got ",
                     props->name, " (sm_", props->major, props->minor, ")");
 }
 
 QKVParams make_qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                           const Geometry& geo) {
   check_device(q);
-  check_launch_limits(q, geo);
   QKVParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -97,7 +100,7 @@ bool stream_is_capturing(const at::Tensor& t) {
 at::Tensor anchor(const at::Tensor& q_in, const at::Tensor& k_in, const Geometry& geo) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
-  at::Tensor result = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  at::Tensor result = allocate("anchor", {q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (result.numel() == 0) return result;
   AttentionParams p;
   static_cast<QKVParams&>(p) = make_qkv_params(q, k, nullptr, geo);
@@ -113,8 +116,8 @@ at::Tensor identify(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const int64_t n = q.size(2);
   // Every word is written by the kernel (zeros outside the middle regions).
-  at::Tensor selection = at::empty({q.size(0), q.size(1), geo.num_groups(n), selection_words(n)},
-                                   q.options().dtype(at::kInt));
+  at::Tensor selection = allocate("selection", {q.size(0), q.size(1), geo.num_groups(n), selection_words(n)},
+                                  q.options().dtype(at::kInt));
   if (selection.numel() == 0) return selection;
   const at::Tensor anchors = anchor_scores.contiguous();
   IdentifyParams p;
@@ -133,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q_in, cons
                                                     const Geometry& geo) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (B, Hq, N, D)
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  at::Tensor out = allocate("out", q.sizes(), q.options());  // contiguous (B, Hq, N, D)
+  at::Tensor lse = allocate("lse", {q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const at::Tensor words = selection.contiguous();
   AttentionParams p;
@@ -152,11 +155,11 @@ at::Tensor prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   c10::cuda::CUDAGuard guard(q_in.device());
   // Align once here, so the passes do not each copy a misaligned input.
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (B, Hq, N, D)
+  at::Tensor out = allocate("out", q.sizes(), q.options());  // contiguous (B, Hq, N, D)
   if (out.numel() == 0) return out;
   const auto row_options = q.options().dtype(at::kFloat);
-  at::Tensor anchors = at::empty({q.size(0), q.size(1), q.size(2)}, row_options);
-  at::Tensor partial_lse = at::empty({q.size(0), q.size(1), q.size(2)}, row_options);
+  at::Tensor anchors = allocate("anchors", {q.size(0), q.size(1), q.size(2)}, row_options);
+  at::Tensor partial_lse = allocate("partial_lse", {q.size(0), q.size(1), q.size(2)}, row_options);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Pass 1 (stage 1 fused with stage 3's always-computed part): anchors, plus the
@@ -186,9 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats(const at::Tens
                                                                   const Geometry& geo) {
   c10::cuda::CUDAGuard guard(q_in.device());
   check_device(q_in);
-  TORCH_CHECK_VALUE(q_in.size(2) < std::numeric_limits<int32_t>::max() / 2,
+  ANCHOR_CHECK_VALUE(q_in.size(2) < std::numeric_limits<int32_t>::max() / 2,
                     "q: the CUDA kernels support N < 2^30 tokens, got N=", q_in.size(2));
-  TORCH_CHECK_VALUE(q_in.size(1) <= 65535, "q: the CUDA kernels support Hq <= 65535, got Hq=",
+  ANCHOR_CHECK_VALUE(q_in.size(1) <= 65535, "q: the CUDA kernels support Hq <= 65535, got Hq=",
                     q_in.size(1));
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const int64_t batch = q.size(0), q_heads = q.size(1), kv_heads = k.size(1);
