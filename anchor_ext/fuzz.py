@@ -201,7 +201,10 @@ def run_cases(seeds, device="cuda", *, log=print, **draw) -> dict:
               "max_tokens": 0, "failures": []}
     for seed in seeds:
         case = draw_case(seed, **draw)
-        failures = run_case(case, device)
+        try:
+            failures = run_case(case, device)
+        except Exception as err:  # noqa: BLE001 - an op that raises on a legal input fails
+            failures = [f"raised {type(err).__name__}: {str(err).splitlines()[0][:300]}"]
         counts["cases"] += 1
         counts["max_tokens"] = max(counts["max_tokens"], case.n)
         for key, value in (("by_source", case.selection_source), ("by_dtype", str(case.dtype)),

@@ -850,7 +850,7 @@ def fused_components(q, k, *, rope_base=None, rotary_dim=None, sm_scale=None, sa
     v = torch.empty(bsz, hq, n, dtype=torch.float64, device=dev)
     eps = torch.empty(bsz, hq, n, dtype=torch.float64, device=dev)
     zeta = torch.zeros(bsz, hq, dtype=torch.float64, device=dev)
-    calib = torch.arange(max(n - calib_rows, S + T), n, device=dev)
+    calib = torch.arange(max(n - calib_rows, S + T), max(n, S + T), device=dev)  # empty if n < S + T
     for b in range(bsz):
         for g in range(hkv):
             heads = slice(g * group, (g + 1) * group)

@@ -32,16 +32,18 @@ python3 -c "import anchor_ext, torch; print('built_with_cuda', anchor_ext.built_
 if want diagnose; then  # CPU only: runs beside the tests
   python3 bench/diagnose_ostream.py > "$OUT/diagnose_ostream.log" 2>&1 &
 fi
+if want fuzz; then  # in the background, beside the tests (both are light on the GPU)
+  timeout "${FUZZ_TIMEOUT:-300}" python3 -m bench.fuzz --cases "${FUZZ_CASES:-1000}" --seed "${FUZZ_SEED:-0}" \
+    --time-limit "${FUZZ_LIMIT:-240}" --commit "${COMMIT:-unknown}" --out "$OUT/fuzz.json" \
+    > "$OUT/fuzz.log" 2>&1 &
+fi
 if want tests; then
   timeout 100 python3 bench/smoke.py 2>&1 | tail -8
   # The whole suite, nothing deselected (the ostream crash of this image is fixed at
   # its depth: csrc/check.h).
-  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider \
-    ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|ERROR|Error" | tail -40
-fi
-if want fuzz; then
-  timeout "${FUZZ_TIMEOUT:-300}" python3 -m bench.fuzz --cases "${FUZZ_CASES:-1000}" --seed "${FUZZ_SEED:-0}" \
-    --time-limit "${FUZZ_LIMIT:-240}" --commit "${COMMIT:-unknown}" --out "$OUT/fuzz.json" 2>&1 | tail -12
+  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -rfE --durations=15 -n "${TEST_WORKERS:-12}" \
+    -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" \
+    | grep -E "passed|failed|FAILED|ERROR" | tail -40
 fi
 if want sanitize; then
   bash bench/sanitize.sh "$OUT"
@@ -89,7 +91,8 @@ if want diffuse; then
   timeout "${DIFFUSE_TIMEOUT:-200}" python3 -m bench.prefill --profile diffuse --sizes "${DIFFUSE_SIZES:-32768}" \
     --thetas 12 --repeats 5 --commit "${COMMIT:-unknown}" --out "$OUT/prefill_diffuse.json" 2>&1 | tee "$OUT/diffuse.log"
 fi
-wait  # the background diagnosis
+wait  # the background diagnosis and fuzz run
+[[ -f $OUT/fuzz.log ]] && tail -6 "$OUT/fuzz.log"
 if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
   (cd "$OUT" && tar czf /tmp/results.tgz --remove-files ./* && mv /tmp/results.tgz "$OUT/")
 fi

@@ -13,6 +13,7 @@ libstdc++ files mapped into the process.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ CHILD = r"""
 import sys, torch
 from torch.utils.cpp_extension import load_inline
 m = load_inline("ostream_probe", cpp_sources=[{src!r}], functions=["format_string", "format_int64"],
-                build_directory={build!r}, verbose=False)
+                build_directory={build!r}, verbose=False, extra_ldflags={ldflags!r})
 print("so:", m.__file__, flush=True)
 if {call!r} == "maps":
     libs = sorted({{line.split()[-1] for line in open("/proc/self/maps") if ".so" in line}})
@@ -40,13 +41,43 @@ else:
 """
 
 
-def child(build, call, env=None):
-    code = CHILD.format(src=SOURCE, build=build, call=call)
+# Link variants: the toolchain's default, its static libstdc++ copy's symbols kept local
+# to the extension, and the system's shared libstdc++ (the one torch loads) named first.
+VARIANTS = {
+    "default": [],
+    "exclude_libs": ["-Wl,--exclude-libs,ALL"],
+    "shared_system_libstdcxx": ["-L/usr/lib/x86_64-linux-gnu", "-l:libstdc++.so.6"],
+}
+
+
+def child(build, call, env=None, ldflags=()):
+    code = CHILD.format(src=SOURCE, build=build, call=call, ldflags=list(ldflags))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
+def variant_results():
+    """Build each link variant and format an int64 with it, each in its own process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        name, flags = item
+        build = tempfile.mkdtemp(prefix=f"ostream_{name}_")
+        built = child(build, "string", ldflags=flags)
+        run = child(build, "int64", ldflags=flags)
+        return name, flags, built.returncode, run.returncode, run.stdout.strip()[-80:]
+
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        for name, flags, built, rc, out in pool.map(one, VARIANTS.items()):
+            print(f"variant {name} {flags}: string call exit {built}, int64 call exit {rc} ({out!r})")
+
+
 def main():
+    print("c++ is", shutil.which("c++"), "; CXX =", os.environ.get("CXX"))
+    for query in ("libstdc++.so", "libstdc++.a"):
+        found = subprocess.run(["c++", f"-print-file-name={query}"], capture_output=True, text=True)
+        print(f"c++ -print-file-name={query}: {found.stdout.strip()}")
+    variant_results()
     build = tempfile.mkdtemp(prefix="ostream_probe_")
     maps = child(build, "maps")  # builds the extension once
     print("build/maps exit", maps.returncode, maps.stderr[-2000:])

@@ -15,7 +15,7 @@ import pytest
 from anchor_ext import fuzz
 from conftest import HAS_CUDA
 
-GPU_CASES = int(os.environ.get("ANCHOR_FUZZ_CASES", "120"))
+GPU_CASES = int(os.environ.get("ANCHOR_FUZZ_CASES", "60"))
 SEED_BASE = int(os.environ.get("ANCHOR_FUZZ_SEED", "1000"))
 
 

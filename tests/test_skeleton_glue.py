@@ -115,3 +115,17 @@ def test_cuda_path_selection_equals_pytorch_path(kernel_models, inputs, options)
     assert selected.any()
     differ = int((unpack_bits(glue, n) != selected).sum())
     assert differ <= 1e-3 * int(selected.sum()), f"{differ} of {int(selected.sum())} bits differ"
+
+
+@pytest.mark.parametrize("n", [1, 100, 127])
+def test_fused_components_shorter_than_the_lambda_shape(kernel_models, n):
+    """Fewer rows than S + T (no row has interior keys, so no calibration row): the glue
+    gives decompose's components (zeta 0) instead of failing (found by the GPU fuzz)."""
+    q, k, _ = synthetic.make_qkv(n, q_heads=2, kv_heads=1, head_dim=64, seed=5)
+    fused = sk.fused_components(q, k, **ROPE)
+    ref = sk.decompose(q, k, **ROPE)
+    for name in ("mu", "lse", "v", "h", "zeta"):
+        expected = getattr(ref, name)
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(fused[name]), finite), name
+        torch.testing.assert_close(fused[name][finite], expected[finite], rtol=1e-4, atol=1e-4)
