@@ -86,13 +86,19 @@ def make_extension():
     # changes the layout of c10 types shared with libtorch (seen: a segfault on
     # the first c10::Error thrown, C++20 objects against torch 2.11).
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # Keep the symbols of static archives the toolchain links in (a compiler whose
+    # libstdc++ is static, like the lent GPU image's /opt/gcc) local to the extension:
+    # exported, they mix with the process's shared libstdc++ (loaded by torch) and
+    # std::ostream's numeric formatting segfaults (bench/diagnose_ostream.py: the default
+    # link crashes, this flag or the shared system libstdc++ cures it).
+    link_flags = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda:
         print("anchor_ext: building the CPU-only extension")
         return cpp_extension.CppExtension(
             "anchor_ext._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
     cutlass = find_cutlass_include()
     if cutlass is None:
@@ -110,7 +116,7 @@ def make_extension():
     return cpp_extension.CUDAExtension(
         "anchor_ext._C", sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + ["-DANCHOR_WITH_CUDA"], "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=link_flags)
 
 
 def main():

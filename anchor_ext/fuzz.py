@@ -205,6 +205,8 @@ def run_cases(seeds, device="cuda", *, log=print, **draw) -> dict:
             failures = run_case(case, device)
         except Exception as err:  # noqa: BLE001 - an op that raises on a legal input fails
             failures = [f"raised {type(err).__name__}: {str(err).splitlines()[0][:300]}"]
+            if "CUDA error" in str(err):  # the context is broken: later cases cannot run
+                counts["aborted"] = f"CUDA error at seed {seed}: later cases not run"
         counts["cases"] += 1
         counts["max_tokens"] = max(counts["max_tokens"], case.n)
         for key, value in (("by_source", case.selection_source), ("by_dtype", str(case.dtype)),
@@ -215,4 +217,6 @@ def run_cases(seeds, device="cuda", *, log=print, **draw) -> dict:
             counts["failures"].append({"case": case.describe(), "failures": failures})
             log(f"FAIL {case.describe()}: {failures}; replay: python -m bench.fuzz --seed "
                 f"{seed} --cases 1")
+        if "aborted" in counts:
+            break
     return counts

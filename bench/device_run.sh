@@ -37,16 +37,18 @@ if want fuzz; then  # in the background, beside the tests (both are light on the
     --time-limit "${FUZZ_LIMIT:-240}" --commit "${COMMIT:-unknown}" --out "$OUT/fuzz.json" \
     > "$OUT/fuzz.log" 2>&1 &
 fi
+if want sanitize; then  # in the background when the tests run too
+  if want tests; then bash bench/sanitize.sh "$OUT" > "$OUT/sanitize_summary.log" 2>&1 &
+  else bash bench/sanitize.sh "$OUT"; fi
+fi
 if want tests; then
   timeout 100 python3 bench/smoke.py 2>&1 | tail -8
   # The whole suite, nothing deselected (the ostream crash of this image is fixed at
   # its depth: csrc/check.h).
-  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -rfE --durations=15 -n "${TEST_WORKERS:-12}" \
+  # One CPU thread per worker: 12 workers of 16 threads each oversubscribe the CPU.
+  OMP_NUM_THREADS=1 timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -v -rfE --durations=15 -n "${TEST_WORKERS:-12}" \
     -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" \
-    | grep -E "passed|failed|FAILED|ERROR" | tail -40
-fi
-if want sanitize; then
-  bash bench/sanitize.sh "$OUT"
+    | grep -E " passed| failed|FAILED|ERROR" | grep -v "PASSED" | tail -40
 fi
 if want scale; then
   timeout "${SCALE_TIMEOUT:-300}" python3 -m bench.scale --configs "${SCALE_CONFIGS:-1x1048576,4x131072}" \
@@ -93,6 +95,7 @@ if want diffuse; then
 fi
 wait  # the background diagnosis and fuzz run
 [[ -f $OUT/fuzz.log ]] && tail -6 "$OUT/fuzz.log"
+[[ -f $OUT/sanitize_summary.log ]] && cat "$OUT/sanitize_summary.log"
 if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
   (cd "$OUT" && tar czf /tmp/results.tgz --remove-files ./* && mv /tmp/results.tgz "$OUT/")
 fi

@@ -119,6 +119,21 @@ def test_unaligned_and_strided_inputs(layout):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_misaligned_inputs_that_count_as_contiguous(n):
+    """(1, 1, n, D) at an odd element offset: is_contiguous() holds for n = 1, so only a
+    real copy aligns it (found by the GPU fuzz, seed 141: misaligned address)."""
+    q, k, v = make_inputs(1, 8, 1, n, 128, torch.bfloat16, device="cuda", seed=12)
+    expected = anchor_ext.prefill(q, k, v, path="sparse")
+
+    def offset(t):
+        wide = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        return wide.copy_(t)
+
+    got = anchor_ext.prefill(*(offset(t) for t in (q, k, v)), path="sparse")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # path="auto": the dense/sparse rule of anchor_ext.dispatch on real kernels.
 # ----------------------------------------------------------------------------------------

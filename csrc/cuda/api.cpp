@@ -29,9 +29,14 @@ bool rows_are_16b_aligned(const at::Tensor& t) {
   return true;
 }
 
-// A contiguous copy of an input whose rows are not 16-byte aligned (e.g. q[..., 1:65]
-// or a row stride of 65): legal inputs, which the copies could not read directly.
-at::Tensor aligned_rows(const at::Tensor& t) { return rows_are_16b_aligned(t) ? t : t.contiguous(); }
+// A fresh contiguous copy of an input whose rows are not 16-byte aligned (e.g.
+// q[..., 1:65] or a row stride of 65): legal inputs, which the copies could not read
+// directly. A clone, not .contiguous(): a tensor whose only non-unit dims are dense
+// (e.g. (1, 1, 1, D) at an odd offset) counts as contiguous and would come back as it
+// is, misaligned (the GPU fuzz found it: N=1, one kv head, data pointer off by one).
+at::Tensor aligned_rows(const at::Tensor& t) {
+  return rows_are_16b_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 // at::empty, with an out-of-memory error that says which buffer of ours did not fit and
 // its size (torch's own message follows it).
