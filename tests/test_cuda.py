@@ -146,7 +146,10 @@ def test_auto_path_short_input_is_dense_sdpa():
     with pytest.warns(dispatch.DensePathWarning, match="input too short for sparse to win"):
         out, stats = anchor_ext.prefill(q, k, v, return_stats=True)
     assert stats["path"] == "dense" and stats["reason"] == "input too short for sparse to win"
-    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # the backend dense_prefill tries first
+        dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, dense, rtol=0, atol=0)
 
 
