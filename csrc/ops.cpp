@@ -37,49 +37,49 @@ bool is_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 // dtype, device, unit stride on D, supported head dim.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v) {
   ANCHOR_CHECK_VALUE(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, N, D), got shape ",
-                    shape_of(q));
+                     shape_of(q));
   ANCHOR_CHECK_VALUE(k.dim() == 4, "k: expected a 4-D tensor (B, Hkv, N, D), got shape ",
-                    shape_of(k));
+                     shape_of(k));
   ANCHOR_CHECK_VALUE(k.device() == q.device(), "k: expected device ", q.device(),
-                    " (the device of q), got ", k.device());
+                     " (the device of q), got ", k.device());
   ANCHOR_CHECK_VALUE(k.scalar_type() == q.scalar_type(), "k: expected dtype ", q.scalar_type(),
-                    " (the dtype of q), got ", k.scalar_type());
+                     " (the dtype of q), got ", k.scalar_type());
   ANCHOR_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
-                    "k: expected shape (B, Hkv, N, D) with B, N, D of q ", shape_of(q),
-                    ", got ", shape_of(k));
+                     "k: expected shape (B, Hkv, N, D) with B, N, D of q ", shape_of(q),
+                     ", got ", shape_of(k));
   ANCHOR_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-                    "k: the number of kv heads must divide the number of q heads (GQA), got "
-                    "Hq=", q.size(1), " and Hkv=", k.size(1));
+                     "k: the number of kv heads must divide the number of q heads (GQA), got "
+                     "Hq=", q.size(1), " and Hkv=", k.size(1));
   if (v != nullptr) {
     ANCHOR_CHECK_VALUE(v->device() == q.device(), "v: expected device ", q.device(),
-                      " (the device of q), got ", v->device());
+                       " (the device of q), got ", v->device());
     ANCHOR_CHECK_VALUE(v->scalar_type() == q.scalar_type(), "v: expected dtype ",
-                      q.scalar_type(), " (the dtype of q), got ", v->scalar_type());
+                       q.scalar_type(), " (the dtype of q), got ", v->scalar_type());
     ANCHOR_CHECK_VALUE(v->sizes() == k.sizes(), "v: expected the shape of k ", shape_of(k),
-                      ", got ", shape_of(*v));
+                       ", got ", shape_of(*v));
   }
   const auto dtype = q.scalar_type();
   const int64_t head_dim = q.size(3);
   if (is_cuda(q)) {
     ANCHOR_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16,
-                      "q: expected dtype float16 or bfloat16 on CUDA, got ", dtype);
+                       "q: expected dtype float16 or bfloat16 on CUDA, got ", dtype);
     ANCHOR_CHECK_VALUE(head_dim == 64 || head_dim == 128,
-                      "q: expected head dim D in {64, 128} on CUDA, got D=", head_dim);
+                       "q: expected head dim D in {64, 128} on CUDA, got D=", head_dim);
   } else {
     ANCHOR_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU or CUDA tensor, got device ",
-                      q.device());
+                       q.device());
     ANCHOR_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-                      "q: expected dtype float32, float16 or bfloat16, got ", dtype);
+                       "q: expected dtype float32, float16 or bfloat16, got ", dtype);
     ANCHOR_CHECK_VALUE(head_dim >= 1 && head_dim <= 256,
-                      "q: expected head dim D in [1, 256] on CPU, got D=", head_dim);
+                       "q: expected head dim D in [1, 256] on CPU, got D=", head_dim);
   }
   const at::Tensor* named[] = {&q, &k, v};
   const char* names[] = {"q", "k", "v"};
   for (int i = 0; i < 3; ++i) {
     if (named[i] == nullptr || named[i]->numel() == 0) continue;
     ANCHOR_CHECK_VALUE(named[i]->stride(3) == 1, names[i],
-                      ": expected unit stride on the last (head) dimension, got strides ",
-                      named[i]->strides());
+                       ": expected unit stride on the last (head) dimension, got strides ",
+                       named[i]->strides());
   }
 }
 
@@ -121,16 +121,16 @@ void check_finite(std::initializer_list<std::pair<const at::Tensor*, const char*
 Geometry make_geometry(const at::Tensor& q, int64_t block_size, int64_t step,
                        int64_t init_blocks, int64_t local_blocks, std::optional<double> sm_scale) {
   ANCHOR_CHECK_VALUE(block_size > 0 && block_size <= (1 << 20),
-                    "block_size: expected a positive integer, got ", block_size);
+                     "block_size: expected a positive integer, got ", block_size);
   ANCHOR_CHECK_VALUE(step > 0 && step <= (1 << 20), "step: expected a positive integer, got ",
-                    step);
+                     step);
   ANCHOR_CHECK_VALUE(init_blocks >= 0 && init_blocks <= (1 << 20),
-                    "init_blocks: expected a non-negative integer, got ", init_blocks);
+                     "init_blocks: expected a non-negative integer, got ", init_blocks);
   ANCHOR_CHECK_VALUE(local_blocks >= 0 && local_blocks <= (1 << 20),
-                    "local_blocks: expected a non-negative integer, got ", local_blocks);
+                     "local_blocks: expected a non-negative integer, got ", local_blocks);
   if (is_cuda(q)) {
     ANCHOR_CHECK_VALUE(block_size == 128, "block_size: the CUDA kernels support 128, got ",
-                      block_size);
+                       block_size);
   }
   Geometry geo;
   geo.block_size = static_cast<int>(block_size);
@@ -141,8 +141,8 @@ Geometry make_geometry(const at::Tensor& q, int64_t block_size, int64_t step,
   // The kernels use it as a float: check what they will see (1e40 or 1e-50 would not survive).
   geo.sm_scale = static_cast<float>(scale);
   ANCHOR_CHECK_VALUE(std::isfinite(scale) && std::isfinite(geo.sm_scale) && geo.sm_scale > 0,
-                    "sm_scale: expected a finite positive number representable as float32, got ",
-                    scale);
+                     "sm_scale: expected a finite positive number representable as float32, got ",
+                     scale);
   return geo;
 }
 
@@ -176,33 +176,33 @@ void check_theta(double theta) {
 
 void check_anchor_scores(const at::Tensor& q, const at::Tensor& anchor_scores) {
   ANCHOR_CHECK_VALUE(anchor_scores.device() == q.device(), "anchor: expected device ", q.device(),
-                    " (the device of q), got ", anchor_scores.device());
+                     " (the device of q), got ", anchor_scores.device());
   ANCHOR_CHECK_VALUE(anchor_scores.scalar_type() == at::kFloat,
-                    "anchor: expected dtype float32, got ", anchor_scores.scalar_type());
+                     "anchor: expected dtype float32, got ", anchor_scores.scalar_type());
   ANCHOR_CHECK_VALUE(anchor_scores.dim() == 3 && anchor_scores.size(0) == q.size(0) &&
                         anchor_scores.size(1) == q.size(1) && anchor_scores.size(2) == q.size(2),
-                    "anchor: expected shape (B, Hq, N) = [", q.size(0), ", ", q.size(1), ", ",
-                    q.size(2), "], got ", shape_of(anchor_scores));
+                     "anchor: expected shape (B, Hq, N) = [", q.size(0), ", ", q.size(1), ", ",
+                     q.size(2), "], got ", shape_of(anchor_scores));
 }
 
 void check_selection(const at::Tensor& q, const at::Tensor& selection, const Geometry& geo) {
   const int64_t n = q.size(2);
   const int64_t groups = geo.num_groups(n), words = selection_words(n);
   ANCHOR_CHECK_VALUE(selection.device() == q.device(), "selection: expected device ", q.device(),
-                    " (the device of q), got ", selection.device());
+                     " (the device of q), got ", selection.device());
   ANCHOR_CHECK_VALUE(selection.scalar_type() == at::kInt, "selection: expected dtype int32, got ",
-                    selection.scalar_type());
+                     selection.scalar_type());
   ANCHOR_CHECK_VALUE(selection.dim() == 4 && selection.size(0) == q.size(0) &&
                         selection.size(1) == q.size(1) && selection.size(2) == groups &&
                         selection.size(3) == words,
-                    "selection: expected shape (B, Hq, num_groups, ceil(N/32)) = [", q.size(0),
-                    ", ", q.size(1), ", ", groups, ", ", words, "], got ", shape_of(selection));
+                     "selection: expected shape (B, Hq, num_groups, ceil(N/32)) = [", q.size(0),
+                     ", ", q.size(1), ", ", groups, ", ", words, "], got ", shape_of(selection));
 }
 
 [[noreturn]] void no_cuda_kernels(const char* op) {
   ANCHOR_CHECK_NOT_IMPLEMENTED(false, "anchor::", op,
-                              ": this anchor_ext build has no CUDA kernels (it was built "
-                              "without nvcc); reinstall on a machine with the CUDA toolkit");
+                               ": this anchor_ext build has no CUDA kernels (it was built "
+                               "without nvcc); reinstall on a machine with the CUDA toolkit");
 }
 
 }  // namespace
@@ -304,16 +304,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats_op(
     std::optional<double> sm_scale) {
   check_qkv(q, k, nullptr);
   ANCHOR_CHECK_VALUE(sink_tokens >= 1 && sink_tokens <= 64,
-                    "sink_tokens: the CUDA row statistics support 1 <= S <= 64, got ", sink_tokens);
+                     "sink_tokens: the CUDA row statistics support 1 <= S <= 64, got ", sink_tokens);
   ANCHOR_CHECK_VALUE(local_tokens >= 1 && local_tokens <= 64,
-                    "local_tokens: the CUDA row statistics support 1 <= T <= 64, got ",
-                    local_tokens);
+                     "local_tokens: the CUDA row statistics support 1 <= T <= 64, got ",
+                     local_tokens);
   // Only sm_scale is used; block_size 128 passes the CUDA geometry check.
   const Geometry geo = make_geometry(q, 128, 1, 1, 1, sm_scale);
   check_finite({{&q, "q"}, {&k, "k"}});
   ANCHOR_CHECK_NOT_IMPLEMENTED(is_cuda(q), "anchor::skeleton_row_stats: CUDA tensors only (got ",
-                              q.device(), "); on CPU anchor_ext.skeleton computes the "
-                              "statistics in PyTorch");
+                               q.device(), "); on CPU anchor_ext.skeleton computes the "
+                               "statistics in PyTorch");
 #ifdef ANCHOR_WITH_CUDA
   return cuda::skeleton_row_stats(q, k, sink_tokens, local_tokens, geo);
 #else
@@ -326,43 +326,43 @@ at::Tensor skeleton_select_op(const at::Tensor& vertical, const at::Tensor& slas
                               int64_t mask_block, bool count_pairs, int64_t block_size,
                               int64_t step, int64_t init_blocks, int64_t local_blocks) {
   ANCHOR_CHECK_VALUE(vertical.dim() == 2, "vertical: expected a 2-D tensor (heads, length), got shape ",
-                    shape_of(vertical));
+                     shape_of(vertical));
   ANCHOR_CHECK_VALUE(seqlen >= 0 && seqlen < (int64_t(1) << 30),
-                    "seqlen: expected 0 <= N < 2^30, got ", seqlen);
+                     "seqlen: expected 0 <= N < 2^30, got ", seqlen);
   const Geometry geo = make_geometry(vertical, block_size, step, init_blocks, local_blocks, 1.0);
   const int64_t heads = vertical.size(0), groups = geo.num_groups(seqlen);
   ANCHOR_CHECK_VALUE(mask_block >= 0, "mask_block: expected >= 0 (0 selects per key), got ",
-                    mask_block);
+                     mask_block);
   int64_t length = seqlen, horizontal_length = groups;
   if (mask_block > 0) {
     ANCHOR_CHECK_VALUE(block_size % mask_block == 0,
-                      "mask_block: expected a divisor of block_size=", block_size,
-                      " (a mask block must not straddle the middle region's ends), got ",
-                      mask_block);
+                       "mask_block: expected a divisor of block_size=", block_size,
+                       " (a mask block must not straddle the middle region's ends), got ",
+                       mask_block);
     length = horizontal_length = (seqlen + mask_block - 1) / mask_block;
   }
   const std::pair<const at::Tensor*, const char*> components[] = {
       {&vertical, "vertical"}, {&slash, "slash"}, {&horizontal, "horizontal"}, {&tau, "tau"}};
   for (const auto& [t, name] : components) {
     ANCHOR_CHECK_VALUE(t->device() == vertical.device(), name, ": expected device ",
-                      vertical.device(), " (the device of vertical), got ", t->device());
+                       vertical.device(), " (the device of vertical), got ", t->device());
     ANCHOR_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
-                      t->scalar_type());
+                       t->scalar_type());
   }
   const auto expect_shape = [&](const at::Tensor& t, const char* name, int64_t len) {
     ANCHOR_CHECK_VALUE(t.dim() == 2 && t.size(0) == heads && t.size(1) == len, name,
-                      ": expected shape [", heads, ", ", len, "], got ", shape_of(t));
+                       ": expected shape [", heads, ", ", len, "], got ", shape_of(t));
   };
   expect_shape(vertical, "vertical", length);
   expect_shape(slash, "slash", length);
   expect_shape(horizontal, "horizontal", horizontal_length);
   ANCHOR_CHECK_VALUE(tau.dim() == 1 && tau.size(0) == heads, "tau: expected shape [", heads,
-                    "], got ", shape_of(tau));
+                     "], got ", shape_of(tau));
   ANCHOR_CHECK_VALUE(heads <= 65535, "vertical: the CUDA kernel supports at most 65535 heads, got ",
-                    heads);
+                     heads);
   ANCHOR_CHECK_NOT_IMPLEMENTED(is_cuda(vertical), "anchor::skeleton_select: CUDA tensors only "
-                              "(got ", vertical.device(), "); on CPU anchor_ext.skeleton.select "
-                              "builds the selection in PyTorch");
+                               "(got ", vertical.device(), "); on CPU anchor_ext.skeleton.select "
+                               "builds the selection in PyTorch");
 #ifdef ANCHOR_WITH_CUDA
   return cuda::skeleton_select(vertical, slash, horizontal, tau, seqlen, mask_block, count_pairs,
                                geo);

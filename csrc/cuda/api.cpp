@@ -57,7 +57,7 @@ at::Tensor allocate(const char* what, at::IntArrayRef sizes, const at::TensorOpt
 void check_device(const at::Tensor& q) {
   const auto* props = at::cuda::getDeviceProperties(q.device().index());
   ANCHOR_CHECK_VALUE(props->major == 9, "q: the anchor_ext CUDA kernels are built for Hopper (sm_90a), got ",
-                    props->name, " (sm_", props->major, props->minor, ")");
+                     props->name, " (sm_", props->major, props->minor, ")");
 }
 
 QKVParams make_qkv_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
@@ -195,9 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> skeleton_row_stats(const at::Tens
   c10::cuda::CUDAGuard guard(q_in.device());
   check_device(q_in);
   ANCHOR_CHECK_VALUE(q_in.size(2) < std::numeric_limits<int32_t>::max() / 2,
-                    "q: the CUDA kernels support N < 2^30 tokens, got N=", q_in.size(2));
+                     "q: the CUDA kernels support N < 2^30 tokens, got N=", q_in.size(2));
   ANCHOR_CHECK_VALUE(q_in.size(1) <= 65535, "q: the CUDA kernels support Hq <= 65535, got Hq=",
-                    q_in.size(1));
+                     q_in.size(1));
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const int64_t batch = q.size(0), q_heads = q.size(1), kv_heads = k.size(1);
   const int64_t n = q.size(2), head_dim = q.size(3);
