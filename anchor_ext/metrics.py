@@ -4,6 +4,8 @@
   always-computed region as computed, per (batch, head) and overall.
 * :func:`mass_recall`: per query row, the dense softmax mass on the keys it computes.
 * :func:`output_error`: row-wise relative error of ``out`` against dense fp32 attention.
+* :func:`oracle_density`: the (block) oracle densities of SPEC §5, what any selection
+  shared by ``block_rows`` rows needs for a mean recall target.
 
 Nothing here builds an ``N x N`` tensor; ``mass_recall`` can also sample query blocks
 (``block_stride``) so that 32k-token inputs are affordable on a CPU.
@@ -19,7 +21,7 @@ from .reference import (SparseConfig, always_pairs_per_group, computed_mask, mid
                         unpack_bits)
 
 __all__ = ["computed_pairs", "sparsity", "mass_recall", "recall_summary", "output_error",
-           "sampled_quality"]
+           "sampled_quality", "oracle_density"]
 
 
 def computed_pairs(selection: torch.Tensor, n: int, cfg: SparseConfig) -> torch.Tensor:
@@ -120,3 +122,50 @@ def sampled_quality(q, k, v, out, selection, cfg: SparseConfig, *, sm_scale=None
     err = torch.cat(errors)
     return {"recall": recall_summary(torch.cat(recalls)),
             "error": {"max": float(err.max()), "mean": float(err.mean())}}
+
+
+@torch.no_grad()
+def oracle_density(q, k, *, block_rows=128, targets=(0.90, 0.95, 0.99), blocks=16, sm_scale=None):
+    """Block oracle densities (SPEC §5) on ``blocks`` blocks of ``block_rows`` query rows
+    per (batch, head), spread evenly over the sequence.
+
+    For a block, keys are ranked by the block's summed dense causal probability; the
+    oracle keeps the shortest prefix of that ranking whose *mean* row recall reaches the
+    target, and its density is the pairs it computes (each row only its causal keys)
+    over the block's causal pairs. ``block_rows=1`` is the per-row oracle (each row's
+    fewest keys holding the target mass, over its causal keys); 64 or 128 bound any
+    selection shared by a kernel row tile, ``step * block_size`` one shared by a group.
+    Dense rows are computed in fp32, one block at a time (never an N x N tensor).
+
+    Returns ``{target: mean density over (batch, head, block)}`` and ``"per_head"``:
+    ``{target: (B, Hq) tensor}``.
+    """
+    bsz, hq, n, d = q.shape
+    group_size = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    num_blocks = -(-n // block_rows)
+    picked = sorted({round(i * (num_blocks - 1) / max(1, blocks - 1))
+                     for i in range(min(blocks, num_blocks))})
+    per_head = {t: torch.zeros(bsz, hq, dtype=torch.float64) for t in targets}
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, h // group_size].float()
+            for block in picked:
+                r0, r1 = block * block_rows, min(n, (block + 1) * block_rows)
+                rows = torch.arange(r0, r1, device=q.device)
+                keys = torch.arange(r1, device=q.device)
+                causal = keys[None, :] <= rows[:, None]
+                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+                order = probs.sum(0).argsort(descending=True)
+                mean_recall = (probs[:, order].sum(0) / (r1 - r0)).double().cumsum(0)
+                pairs = causal[:, order].sum(0).double().cumsum(0)
+                total_pairs = float(pairs[-1])
+                for t in targets:
+                    # The shortest prefix reaching t within fp32 rounding of the softmax
+                    # (1e-6), the whole block when rounding leaves it just short.
+                    prefix = min(int((mean_recall < t - 1e-6).sum()), r1 - 1)
+                    per_head[t][b, h] += float(pairs[prefix]) / total_pairs
+    for t in targets:
+        per_head[t] /= len(picked)
+    return {**{t: float(per_head[t].mean()) for t in targets}, "per_head": per_head}

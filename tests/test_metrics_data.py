@@ -89,3 +89,34 @@ def test_synthetic_attention_is_concentrated():
     diffuse_q, diffuse_k, _ = synthetic.make_qkv(4096, q_heads=4, kv_heads=1, head_dim=128, seed=0,
                                                  profile="diffuse")
     assert synthetic.concentration_stats(diffuse_q, diffuse_k, rows=128)["keys_frac_median"] > 0.25
+
+
+def _diagonal_inputs(n=256, d=64, sharpness=40.0):
+    """Each row puts nearly all its mass on its own key: orthogonal-ish random keys."""
+    gen = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(1, 1, n, d, generator=gen), dim=-1)
+    q = k * sharpness * math.sqrt(d)
+    return q, k
+
+
+def test_oracle_density_per_row_on_uniform_attention():
+    """Uniform attention (q = 0): a row needs ceil(t * (i + 1)) of its i + 1 keys."""
+    n, d = 200, 16
+    q, k = torch.zeros(1, 1, n, d), torch.randn(1, 1, n, d)
+    got = metrics.oracle_density(q, k, block_rows=1, targets=(0.5, 0.9), blocks=n)
+    rows = torch.arange(n, dtype=torch.float64)
+    for t in (0.5, 0.9):
+        expected = float((torch.ceil(t * (rows + 1) - 1e-9) / (rows + 1)).mean())
+        assert abs(got[t] - expected) < 1e-6, (t, got[t], expected)
+
+
+def test_block_oracle_pays_for_sharing_on_diagonal_heads():
+    """Per row one key is enough; a block shared by 128 rows needs all of their keys."""
+    q, k = _diagonal_inputs()
+    per_row = metrics.oracle_density(q, k, block_rows=1, targets=(0.95,), blocks=256)[0.95]
+    block = metrics.oracle_density(q, k, block_rows=128, targets=(0.95,), blocks=2)[0.95]
+    rows = torch.arange(256, dtype=torch.float64)
+    assert abs(per_row - float((1.0 / (rows + 1)).mean())) < 1e-3
+    assert block > 5 * per_row
+    targets = metrics.oracle_density(q, k, block_rows=64, targets=(0.9, 0.95, 0.99), blocks=4)
+    assert targets[0.9] <= targets[0.95] <= targets[0.99] <= 1.0
