@@ -44,7 +44,8 @@ def main(argv=None):
                "cudnn_ms": cuda_time_ms(lambda: dispatch.dense_prefill(q, k, v, None), repeats=reps),
                "auto_ms": cuda_time_ms(lambda: anchor_ext.prefill(q, k, v), repeats=reps),
                "scan_ms": cuda_time_ms(lambda: anchor_ext._C.check_prefill_args(
-                   q, k, v, 12.0, 128, 16, 1, 1, None, scan_finite=True), repeats=reps),
+                   q, k, v, 12.0, cfg.block_size, cfg.step, cfg.init_blocks, cfg.local_blocks,
+                   None, scan_finite=True), repeats=reps),
                "probe_ms": cuda_time_ms(lambda: dispatch.choose_path(q, k, 12.0, cfg, None),
                                         repeats=reps)}
         row["overhead"] = row["auto_ms"] / row["cudnn_ms"] - 1.0

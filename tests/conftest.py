@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import anchor_ext  # noqa: F401  (registers torch.ops.anchor.*)
+# Tolerance on `out` against the fp32 reference, and identify's tie margin: one table for
+# the tests and the randomized run.
+from anchor_ext.fuzz import OUT_TOL, TIE_MARGIN, bits_off_threshold  # noqa: F401  (OUT_TOL re-exported)
 
 HAS_CUDA = torch.cuda.is_available() and anchor_ext.built_with_cuda()
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
-
-# Tolerance on `out` (stored in the input dtype) against an fp32 reference.
-OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_inputs(batch, q_heads, kv_heads, n, head_dim, dtype=torch.float32, *, device="cpu",
@@ -36,13 +36,10 @@ def make_inputs(batch, q_heads, kv_heads, n, head_dim, dtype=torch.float32, *, d
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def assert_selection_equal(actual, expected, margin, n, tol=1e-3):
+def assert_selection_equal(actual, expected, margin, n, tol=TIE_MARGIN):
     """Selections agree except where the reference's |abar - score - theta| < tol (ties)."""
-    from anchor_ext.reference import unpack_bits
-
-    diff = unpack_bits(actual, n) != unpack_bits(expected, n)
-    bad = diff & (margin.to(diff.device) >= tol)
-    assert not bad.any(), f"{int(bad.sum())} selection bits differ away from the threshold"
+    bad = bits_off_threshold(actual, expected, margin, n, tol)
+    assert not bad, f"{bad} selection bits differ away from the threshold"
 
 
 def compare_stages_with_reference(q, k, v, theta, geometry, *, anchor_tol, lse_tol, prefill_exact=True):
