@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from .reference import SparseConfig, middle_range, region_pair_counts
 
-__all__ = ["PathChoice", "DensePathWarning", "decide", "choose_path", "predicted_cost",
+__all__ = ["PathChoice", "DensePathWarning", "decide", "choose_path", "choose_path_from_selection",
+           "predicted_cost",
            "dense_prefill", "selected_fraction", "warn_dense_once"]
 
 DENSE_RATE_RATIO = 2.4          # cuDNN pairs/s over stage-3 pairs/s (H100, bf16, D=128)
@@ -140,6 +141,23 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, theta: float, cfg: SparseConfi
     selection = ops.identify(q_probe, k_probe, anchors, theta=theta, **geometry)
     fraction = float(selected_fraction(selection, p, cfg))  # the one host read
     if fraction != fraction:  # NaN: the prefix had no middle region, the bound decides
+        return decide(n, cfg, can_probe=False)
+    return decide(n, cfg, fraction)
+
+
+def choose_path_from_selection(q: torch.Tensor, selection: torch.Tensor, cfg: SparseConfig) -> PathChoice:
+    """``path="auto"`` for a selection already made (the recall mode): :func:`decide` with
+    the selection's own middle-region fraction. On the CPU, and while nothing can be read
+    back (graph capture, compile), the selection runs sparse."""
+    n = q.shape[2]
+    if not q.is_cuda:
+        return PathChoice(path="sparse", reason="CPU: the rule applies on CUDA only",
+                          predicted_cost=None, probe_fraction=None)
+    if not _host_reads_allowed(q):
+        return PathChoice(path="sparse", reason="no host read (graph capture or compile)",
+                          predicted_cost=None, probe_fraction=None)
+    fraction = float(selected_fraction(selection, n, cfg))  # the one host read
+    if fraction != fraction:  # no middle region anywhere: the bound decides
         return decide(n, cfg, can_probe=False)
     return decide(n, cfg, fraction)
 

@@ -14,7 +14,7 @@ from . import dispatch
 from .reference import SparseConfig, num_groups, selection_words
 
 __all__ = ["prefill", "prefill_varlen", "anchor", "identify", "sparse_attention", "built_with_cuda",
-           "set_check_finite"]
+           "set_check_finite", "RECALL_DEFAULTS"]
 
 _GEOMETRY_KEYS = ("block_size", "step", "init_blocks", "local_blocks", "sm_scale")
 
@@ -41,15 +41,19 @@ def anchor(q, k, *, block_size=128, step=16, init_blocks=1, local_blocks=1, sm_s
 
 
 def identify(q, k, anchor_scores, *, theta=12.0, block_size=128, step=16, init_blocks=1,
-             local_blocks=1, sm_scale=None):
+             local_blocks=1, sm_scale=None, vote_rows=0, head_theta=None):
     """Stage 2: stripe selection bitmask, int32 ``(B, Hq, num_groups, ceil(N/32))``.
 
     Bit ``j % 32`` of word ``j // 32`` of group ``g`` marks middle-region key ``j``
-    as selected for every row of the group (see :mod:`anchor_ext.reference`).
+    as selected for every row of the group (see :func:`anchor_ext.reference.identify`).
+    ``vote_rows``: rows per vote unit, a divisor of ``block_size`` (0: ``block_size``,
+    the paper's block means; 1: every row votes with its own score). ``head_theta``:
+    fp32 ``(B, Hq)`` thresholds replacing ``theta`` per head (``+inf``: every middle key).
     """
-    return torch.ops.anchor.identify(q, k, anchor_scores, theta=theta, block_size=block_size,
-                                     step=step, init_blocks=init_blocks,
-                                     local_blocks=local_blocks, sm_scale=sm_scale)
+    return torch.ops.anchor.identify(q, k, anchor_scores, head_theta, theta=theta,
+                                     block_size=block_size, step=step, init_blocks=init_blocks,
+                                     local_blocks=local_blocks, sm_scale=sm_scale,
+                                     vote_rows=vote_rows)
 
 
 def sparse_attention(q, k, v, selection, *, block_size=128, step=16, init_blocks=1,
@@ -64,7 +68,13 @@ def sparse_attention(q, k, v, selection, *, block_size=128, step=16, init_blocks
                                              local_blocks=local_blocks, sm_scale=sm_scale)
 
 
-def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=12.0, **options):
+# The recall mode's geometry defaults (bench/accuracy.py measures the alternatives).
+RECALL_DEFAULTS = {"step": 1, "vote_rows": 16}
+_RECALL_KEYS = ("vote_rows", "probe_groups", "probe_rows")
+
+
+def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=12.0, recall=None,
+            **options):
     """Causal attention prefill, sparse (AnchorAttention, SPEC §2) where that is faster.
 
     Args:
@@ -87,7 +97,15 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
             (``sparsity``; 0 on the dense path). The sparse stages then run one by one so
             their outputs can be returned; ``out`` equals the fused CUDA prefill up to
             rounding (the fused op keeps a partial output in the input dtype).
-        theta: identification threshold in natural-log units (larger keeps more keys).
+        theta: identification threshold in natural-log units (larger keeps more keys): the
+            paper's fixed-threshold rule, used when ``recall`` is None.
+        recall: a target mean row recall in (0, 1], e.g. 0.95: each head's threshold is
+            calibrated from an exact probe so that the probe rows keep that share of their
+            dense softmax mass (:mod:`anchor_ext.recall`); heads that cannot reach it with
+            a selection go dense on their own. Takes ``vote_rows`` (rows per vote unit,
+            default ``RECALL_DEFAULTS``), ``probe_groups`` (16) and ``probe_rows`` (8);
+            its geometry default is ``step=1`` (one selection per query block).
+            ``return_stats`` adds ``head_theta``.
         **options: ``block_size`` (128), ``step`` (16), ``init_blocks`` (1),
             ``local_blocks`` (1), ``sm_scale`` (``1/sqrt(D)``).
 
@@ -99,8 +117,13 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     if path not in ("auto", "sparse", "dense"):
         raise ValueError(f"path: expected 'auto', 'sparse' or 'dense', got {path!r}")
     if method != "anchor":
+        if recall is not None:
+            raise ValueError(f"recall: supported with method='anchor' only, got method={method!r}")
         return _prefill_skeleton(q, k, v, method=method, path=path, return_stats=return_stats,
                                  theta=theta, **options)
+    if recall is not None:
+        return _prefill_recall(q, k, v, recall=recall, path=path, return_stats=return_stats,
+                               theta=theta, **options)
     unknown = set(options) - set(_GEOMETRY_KEYS)
     if unknown:
         raise TypeError(f"prefill() got unexpected options {sorted(unknown)}; "
@@ -139,6 +162,50 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     stats = {**choice, "selection": selection, "lse": lse, "anchor": anchors,
              "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}
     return out, stats
+
+
+def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
+    """``prefill`` with a recall target: stage 1, the probe's per-head thresholds, identify
+    with vote units and those thresholds, stage 3 (see :mod:`anchor_ext.recall`)."""
+    from . import recall as recall_mode
+    from .metrics import sparsity
+
+    unknown = set(options) - set(_GEOMETRY_KEYS) - set(_RECALL_KEYS)
+    if unknown:
+        raise TypeError(f"prefill(recall=...) got unexpected options {sorted(unknown)}; "
+                        f"expected a subset of {list(_GEOMETRY_KEYS + _RECALL_KEYS)}")
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall: expected a number in (0, 1], got {recall!r}")
+    geometry = {key: options[key] for key in _GEOMETRY_KEYS if key in options}
+    geometry.setdefault("step", RECALL_DEFAULTS["step"])
+    vote_rows = options.get("vote_rows", RECALL_DEFAULTS["vote_rows"])
+    cfg = SparseConfig(*(geometry.get(key, default) for key, default in
+                         (("block_size", 128), ("step", 1), ("init_blocks", 1), ("local_blocks", 1))))
+    vote_rows = min(vote_rows, cfg.block_size) if isinstance(vote_rows, int) else vote_rows
+    if not torch.compiler.is_compiling():  # the op checks (NaN/Inf scan included) before any work
+        _C.check_prefill_args(q, k, v, float(theta), cfg.block_size, cfg.step, cfg.init_blocks,
+                              cfg.local_blocks, geometry.get("sm_scale"))
+    if path == "dense":
+        out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
+        return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
+    anchors = anchor(q, k, **geometry)
+    head_theta = recall_mode.calibrate_theta(
+        q, k, anchors, recall=float(recall), cfg=cfg, vote_rows=vote_rows,
+        probe_groups=options.get("probe_groups", 16), probe_rows=options.get("probe_rows", 8),
+        sm_scale=geometry.get("sm_scale"))
+    selection = identify(q, k, anchors, vote_rows=vote_rows, head_theta=head_theta, **geometry)
+    choice = {"path": "sparse", "reason": "requested"}
+    if path == "auto":
+        choice = dispatch.choose_path_from_selection(q, selection, cfg)
+        if choice["path"] == "dense":
+            dispatch.warn_dense_once(choice)
+            out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
+            return (out, {**choice, "sparsity": 0.0, "head_theta": head_theta}) if return_stats else out
+    out, lse = sparse_attention(q, k, v, selection, **geometry)
+    if not return_stats:
+        return out
+    return out, {**choice, "selection": selection, "lse": lse, "anchor": anchors,
+                 "head_theta": head_theta, "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}
 
 
 _SKELETON_KEYS = ("rope_base", "rotary_dim", "eps", "sparsity", "granularity", "samples", "ridge",
@@ -237,8 +304,8 @@ def _anchor_fake(q, k, *, block_size=128, step=16, init_blocks=1, local_blocks=1
 
 
 @torch.library.register_fake("anchor::identify")
-def _identify_fake(q, k, anchor, *, theta=12.0, block_size=128, step=16, init_blocks=1,
-                   local_blocks=1, sm_scale=None):
+def _identify_fake(q, k, anchor, head_theta=None, *, theta=12.0, block_size=128, step=16,
+                   init_blocks=1, local_blocks=1, sm_scale=None, vote_rows=0):
     n = q.shape[2]
     groups = num_groups(n, SparseConfig(block_size, step, init_blocks, local_blocks))
     return q.new_empty((q.shape[0], q.shape[1], groups, selection_words(n)), dtype=torch.int32)

@@ -44,6 +44,9 @@ __all__ = [
     "unpack_bits",
     "dense_attention",
     "anchor",
+    "check_vote_rows",
+    "unit_means",
+    "unit_gaps",
     "identify",
     "sparse_attention",
     "prefill",
@@ -223,39 +226,94 @@ def anchor(q, k, *, block_size=128, step=16, init_blocks=1, local_blocks=1, sm_s
     return result
 
 
-def identify(q, k, anchor_scores, *, theta=12.0, block_size=128, step=16, init_blocks=1,
-             local_blocks=1, sm_scale=None, return_margin=False):
-    """Stage 2: stripe selection as an int32 bitmask ``(B, Hq, num_groups, ceil(N/32))``.
+def check_vote_rows(vote_rows, block_size: int) -> int:
+    """``vote_rows`` resolved (``0``/``None`` means ``block_size``), or ``ValueError``."""
+    if vote_rows in (0, None):
+        return block_size
+    if not isinstance(vote_rows, int) or vote_rows < 1 or block_size % vote_rows:
+        raise ValueError(f"vote_rows: expected a positive divisor of block_size={block_size}, "
+                         f"got {vote_rows!r}")
+    return vote_rows
 
-    For each query block: ``qbar`` = mean of its rows, ``abar`` = mean of their anchors;
-    middle key ``j`` gets the block's vote when ``abar - scale * qbar . k_j < theta``.
-    A group's selection is the union of its blocks' votes.
 
-    With ``return_margin=True`` also returns, per group and key, the smallest
-    ``|abar - score - theta|`` over the group's blocks (``inf`` outside the middle
-    region): tests use it to forgive ties within rounding of the threshold.
+def unit_means(q: torch.Tensor, anchors: torch.Tensor, cfg: SparseConfig, vote_rows: int,
+               groups: torch.Tensor):
+    """Mean query and mean anchor of every vote unit (``vote_rows`` consecutive rows) of
+    ``groups`` (a 1-D long tensor).
+
+    Returns ``q_mean`` fp32 ``(B, Hq, G, U, D)`` and ``a_mean`` fp32 ``(B, Hq, G, U)`` with
+    ``G = len(groups)`` and ``U = step * block_size / vote_rows``; units past the last row
+    get ``a_mean = +inf`` (they never vote), the last unit may be partial (its mean is over
+    its rows). Only the rows of ``groups`` are read.
     """
-    cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
+    n = q.shape[2]
+    units = cfg.group_rows // vote_rows
+    rows = groups[:, None] * cfg.group_rows + torch.arange(cfg.group_rows, device=q.device)
+    valid = (rows < n).float()                                                  # (G, rows)
+    rows = rows.clamp_max(n - 1)
+    q_rows = q[:, :, rows].float() * valid[..., None]                          # (B, Hq, G, rows, D)
+    a_rows = anchors[:, :, rows].float() * valid
+    count = valid.view(len(groups), units, vote_rows).sum(-1)                  # (G, U)
+    shape = (*q.shape[:2], len(groups), units, vote_rows)
+    q_mean = q_rows.view(*shape, q.shape[3]).sum(-2) / count.clamp_min(1)[..., None]
+    a_mean = a_rows.view(shape).sum(-1) / count.clamp_min(1)
+    return q_mean, a_mean.masked_fill(count == 0, math.inf)
+
+
+def unit_gaps(q, k, anchor_scores, cfg: SparseConfig, *, vote_rows=None, groups=None,
+              sm_scale=None):
+    """Per (batch, q head, group, key): the smallest ``abar_u - sm_scale * qbar_u . k_j`` over
+    the group's vote units ``u``, fp32 ``(B, Hq, len(groups), N)``, ``+inf`` outside the
+    group's middle region. Key ``j`` is selected at threshold ``theta`` exactly when its gap
+    is below ``theta``. ``groups``: a 1-D index tensor (default: every group). One q head at
+    a time: memory ``O(G * U * N)`` per head.
+    """
     bsz, hq, n, d = q.shape
     hkv = k.shape[1]
     scale = _scale(sm_scale, d)
-    groups = num_groups(n, cfg)
-    bits = torch.zeros(bsz, hq, groups, n, dtype=torch.bool, device=q.device)
-    margin = torch.full((bsz, hq, groups, n), math.inf, dtype=torch.float32, device=q.device)
-    for g in range(groups):
-        m0, m1 = middle_range(g, cfg)
-        if m1 <= m0:
-            continue
-        for b in range(bsz):
-            for h in range(hq):
-                kh = k[b, _kv_head(h, hq, hkv), m0:m1].float()
-                for qb in range(g * step, min((g + 1) * step, -(-n // block_size))):
-                    r0, r1 = qb * block_size, min(n, (qb + 1) * block_size)
-                    q_mean = q[b, h, r0:r1].float().mean(0)
-                    a_mean = anchor_scores[b, h, r0:r1].float().mean()
-                    gap = a_mean - (kh @ q_mean) * scale
-                    bits[b, h, g, m0:m1] |= gap < theta
-                    margin[b, h, g, m0:m1] = torch.minimum(margin[b, h, g, m0:m1], (gap - theta).abs())
+    vote_rows = check_vote_rows(vote_rows, cfg.block_size)
+    if groups is None:
+        groups = torch.arange(num_groups(n, cfg), device=q.device)
+    q_mean, a_mean = unit_means(q, anchor_scores, cfg, vote_rows, groups)
+    keys = torch.arange(n, device=q.device)
+    middle_end = groups * cfg.group_rows - cfg.local_blocks * cfg.block_size
+    in_middle = (keys[None, :] >= cfg.sink_end) & (keys[None, :] < middle_end[:, None])
+    gaps = torch.empty(bsz, hq, len(groups), n, dtype=torch.float32, device=q.device)
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, _kv_head(h, hq, hkv)].float()
+            scores = torch.einsum("gud,nd->gun", q_mean[b, h], kh) * scale
+            gaps[b, h] = (a_mean[b, h][..., None] - scores).amin(1).masked_fill(~in_middle, math.inf)
+    return gaps
+
+
+def identify(q, k, anchor_scores, *, theta=12.0, block_size=128, step=16, init_blocks=1,
+             local_blocks=1, sm_scale=None, vote_rows=None, head_theta=None, return_margin=False):
+    """Stage 2: stripe selection as an int32 bitmask ``(B, Hq, num_groups, ceil(N/32))``.
+
+    Each group's rows are cut into vote units of ``vote_rows`` consecutive rows (default
+    ``block_size``: the paper's query blocks). For each unit: ``qbar`` = mean of its rows,
+    ``abar`` = mean of their anchors; middle key ``j`` gets the unit's vote when
+    ``abar - scale * qbar . k_j < theta``. A group's selection is the union of its units'
+    votes. ``head_theta`` (fp32 ``(B, Hq)``, may hold ``+inf``: every middle key) replaces
+    ``theta`` per head.
+
+    With ``return_margin=True`` also returns, per group and key, ``|min gap - theta|``
+    (``inf`` outside the middle region): tests use it to forgive ties within rounding of
+    the threshold.
+    """
+    cfg = SparseConfig(block_size, step, init_blocks, local_blocks)
+    bsz, hq, n, _ = q.shape
+    gaps = unit_gaps(q, k, anchor_scores, cfg, vote_rows=vote_rows, sm_scale=sm_scale)
+    if head_theta is None:
+        threshold = torch.full((bsz, hq), float(theta), device=q.device)
+    else:
+        threshold = head_theta.to(device=q.device, dtype=torch.float32)
+    threshold = threshold[:, :, None, None]
+    in_middle = torch.isfinite(gaps)
+    bits = (gaps < threshold) & in_middle
+    margin = torch.where(in_middle, (gaps - threshold).abs(), torch.full_like(gaps, math.inf))
+    margin = margin.nan_to_num(nan=math.inf, posinf=math.inf)  # inf thresholds leave no ties
     packed = pack_bits(bits)
     return (packed, margin) if return_margin else packed
 

@@ -3,7 +3,7 @@
 # torch, run the CUDA tests, then benchmark. Usage, from the repo root there:
 #   bash bench/device_run.sh MODES ; results in $OUT.
 # MODES: a comma-separated list of tests, diagnose, fuzz, sanitize, scale, auto, bench, demo,
-# cpp, flex, real, skeleton, diffuse; or all (tests, fuzz, sanitize, bench, demo), or build
+# cpp, flex, real, skeleton, diffuse, accuracy; or all (tests, fuzz, sanitize, bench, demo), or build
 # (only build). At most 8 files come back from $OUT: the end packs what is there into
 # $OUT/results.tgz when there are more.
 # A real-model run needs the SmolLM2 GGUF, which is over the 64 MiB a call may carry:
@@ -88,6 +88,11 @@ fi
 if want skeleton; then
   timeout "${SKELETON_TIMEOUT:-300}" python3 -m bench.skeleton_gpu --ns "${SKELETON_NS:-16384,32768,65536,131072}" \
     --commit "${COMMIT:-unknown}" --out "$OUT/skeleton_h100.json" 2>&1 | grep -v Warning
+fi
+if want accuracy; then
+  timeout "${ACC_TIMEOUT:-400}" python3 -m bench.accuracy --families "${ACC_FAMILIES:-realistic,mixed,slash,staircase,retrieval,diffuse}" \
+    --n "${ACC_SIZES:-32768,131072}" ${ACC_SETTINGS:+--settings "$ACC_SETTINGS"} --commit "${COMMIT:-unknown}" \
+    --out "$OUT/${ACC_OUT:-accuracy_h200.json}" 2>&1 | grep -v Warning
 fi
 if want diffuse; then
   timeout "${DIFFUSE_TIMEOUT:-200}" python3 -m bench.prefill --profile diffuse --sizes "${DIFFUSE_SIZES:-32768}" \

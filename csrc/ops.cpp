@@ -96,10 +96,19 @@ bool stream_is_capturing(const at::Tensor& t) {
 // it would spread through every query block that reads the key. So the inputs are
 // checked, through their min and max only (NaN propagates through both): two
 // reductions per tensor, no temporary the size of an input, one host read for all.
-void check_finite(std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs) {
+// `thresholds` (identify's head_theta, may be undefined) may hold +-inf but not NaN.
+void check_finite(std::initializer_list<std::pair<const at::Tensor*, const char*>> inputs,
+                  const at::Tensor& thresholds = at::Tensor()) {
   if (!g_check_finite.load(std::memory_order_relaxed)) return;
   std::vector<at::Tensor> ends;
   std::vector<const char*> names;
+  const bool scan_thresholds = thresholds.defined() && thresholds.numel() > 0;
+  if (scan_thresholds) {
+    if (stream_is_capturing(thresholds)) return;
+    const auto [lowest, highest] = at::aminmax(thresholds);
+    ends.push_back(lowest.to(at::kFloat).reshape({1}));
+    ends.push_back(highest.to(at::kFloat).reshape({1}));
+  }
   for (const auto& [t, name] : inputs) {
     if (t->numel() == 0) continue;
     if (stream_is_capturing(*t)) return;  // a host read is illegal during graph capture
@@ -111,6 +120,11 @@ void check_finite(std::initializer_list<std::pair<const at::Tensor*, const char*
   if (ends.empty()) return;
   const at::Tensor host = at::cat(ends).cpu();
   const float* end = host.data_ptr<float>();
+  if (scan_thresholds) {
+    ANCHOR_CHECK_VALUE(!std::isnan(end[0]) && !std::isnan(end[1]),
+                       "head_theta: expected numbers (inf keeps every key), found NaN");
+    end += 2;
+  }
   for (size_t i = 0; i < names.size(); ++i) {
     ANCHOR_CHECK_VALUE(std::isfinite(end[2 * i]) && std::isfinite(end[2 * i + 1]), names[i],
                        ": expected finite values, found NaN or Inf (anchor_ext.set_check_finite"
@@ -174,6 +188,34 @@ void check_theta(double theta) {
   ANCHOR_CHECK_VALUE(!std::isnan(theta), "theta: expected a number (inf keeps every key), got NaN");
 }
 
+// vote_rows 0 means block_size (the paper's block means).
+int resolve_vote_rows(const at::Tensor& q, int64_t vote_rows, const Geometry& geo) {
+  if (vote_rows == 0) return geo.block_size;
+  ANCHOR_CHECK_VALUE(vote_rows > 0 && geo.block_size % vote_rows == 0,
+                     "vote_rows: expected a positive divisor of block_size=", geo.block_size,
+                     " (or 0 for block_size), got ", vote_rows);
+  if (is_cuda(q)) {
+    const int64_t units = geo.group_rows() / vote_rows;
+    ANCHOR_CHECK_VALUE(units <= 256,
+                       "vote_rows: the CUDA identify kernel supports step * block_size / vote_rows "
+                       "<= 256 vote units per group, got ", units, " (step=", geo.step,
+                       ", vote_rows=", vote_rows, ")");
+  }
+  return static_cast<int>(vote_rows);
+}
+
+void check_head_theta(const at::Tensor& q, const std::optional<at::Tensor>& head_theta) {
+  if (!head_theta.has_value()) return;
+  const at::Tensor& t = *head_theta;
+  ANCHOR_CHECK_VALUE(t.device() == q.device(), "head_theta: expected device ", q.device(),
+                     " (the device of q), got ", t.device());
+  ANCHOR_CHECK_VALUE(t.scalar_type() == at::kFloat, "head_theta: expected dtype float32, got ",
+                     t.scalar_type());
+  ANCHOR_CHECK_VALUE(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == q.size(1),
+                     "head_theta: expected shape (B, Hq) = [", q.size(0), ", ", q.size(1),
+                     "], got ", shape_of(t));
+}
+
 void check_anchor_scores(const at::Tensor& q, const at::Tensor& anchor_scores) {
   ANCHOR_CHECK_VALUE(anchor_scores.device() == q.device(), "anchor: expected device ", q.device(),
                      " (the device of q), got ", anchor_scores.device());
@@ -234,21 +276,25 @@ at::Tensor anchor_op(const at::Tensor& q, const at::Tensor& k, int64_t block_siz
 }
 
 at::Tensor identify_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
-                       double theta, int64_t block_size, int64_t step, int64_t init_blocks,
-                       int64_t local_blocks, std::optional<double> sm_scale) {
+                       const std::optional<at::Tensor>& head_theta, double theta,
+                       int64_t block_size, int64_t step, int64_t init_blocks,
+                       int64_t local_blocks, std::optional<double> sm_scale, int64_t vote_rows) {
   check_qkv(q, k, nullptr);
   check_theta(theta);
   const Geometry geo = geometry_of_q(q, block_size, step, init_blocks, local_blocks, sm_scale);
+  const int unit_rows = resolve_vote_rows(q, vote_rows, geo);
   check_anchor_scores(q, anchor_scores);
-  check_finite({{&q, "q"}, {&k, "k"}});
+  check_head_theta(q, head_theta);
+  const at::Tensor thresholds = head_theta.value_or(at::Tensor());
+  check_finite({{&q, "q"}, {&k, "k"}}, thresholds);
   if (is_cuda(q)) {
 #ifdef ANCHOR_WITH_CUDA
-    return cuda::identify(q, k, anchor_scores, theta, geo);
+    return cuda::identify(q, k, anchor_scores, theta, thresholds, unit_rows, geo);
 #else
     no_cuda_kernels("identify");
 #endif
   }
-  return cpu::identify(q, k, anchor_scores, theta, geo);
+  return cpu::identify(q, k, anchor_scores, theta, thresholds, unit_rows, geo);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_op(
@@ -293,7 +339,7 @@ at::Tensor prefill_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 #endif
   }
   const at::Tensor anchor_scores = cpu::anchor(q, k, geo);
-  const at::Tensor selection = cpu::identify(q, k, anchor_scores, theta, geo);
+  const at::Tensor selection = cpu::identify(q, k, anchor_scores, theta, at::Tensor(), geo.block_size, geo);
   return std::get<0>(cpu::sparse_attention(q, k, v, selection, geo));
 }
 
@@ -378,8 +424,9 @@ TORCH_LIBRARY(anchor, m) {
       "anchor(Tensor q, Tensor k, *, int block_size=128, int step=16, int init_blocks=1, "
       "int local_blocks=1, float? sm_scale=None) -> Tensor");
   m.def(
-      "identify(Tensor q, Tensor k, Tensor anchor, *, float theta=12.0, int block_size=128, "
-      "int step=16, int init_blocks=1, int local_blocks=1, float? sm_scale=None) -> Tensor");
+      "identify(Tensor q, Tensor k, Tensor anchor, Tensor? head_theta=None, *, float theta=12.0, "
+      "int block_size=128, int step=16, int init_blocks=1, int local_blocks=1, "
+      "float? sm_scale=None, int vote_rows=0) -> Tensor");
   m.def(
       "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor selection, *, int block_size=128, "
       "int step=16, int init_blocks=1, int local_blocks=1, float? sm_scale=None) "

@@ -22,9 +22,11 @@ struct Options {
 at::Tensor anchor_op(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t step,
                      int64_t init_blocks, int64_t local_blocks, std::optional<double> sm_scale);
 
+// head_theta (fp32 (B, Hq), optional) replaces theta per head; vote_rows 0 = block_size.
 at::Tensor identify_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
-                       double theta, int64_t block_size, int64_t step, int64_t init_blocks,
-                       int64_t local_blocks, std::optional<double> sm_scale);
+                       const std::optional<at::Tensor>& head_theta, double theta,
+                       int64_t block_size, int64_t step, int64_t init_blocks,
+                       int64_t local_blocks, std::optional<double> sm_scale, int64_t vote_rows = 0);
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& selection,

@@ -492,7 +492,7 @@ int main(int argc, char** argv) {
 
   // One untimed pass: outputs for the later stages, and the selection for the counts.
   const at::Tensor anchors = anchor::anchor_op(q, k, bs, st, ib, lb, scale);
-  const at::Tensor selection = anchor::identify_op(q, k, anchors, a.theta, bs, st, ib, lb, scale);
+  const at::Tensor selection = anchor::identify_op(q, k, anchors, std::nullopt, a.theta, bs, st, ib, lb, scale);
   (void)anchor::sparse_attention_op(q, k, v, selection, bs, st, ib, lb, scale);
   if (!a.cpu) BENCH_CUDA_CHECK(cudaDeviceSynchronize());
   const Work w = count_work(a, selection);
@@ -514,7 +514,7 @@ int main(int argc, char** argv) {
   const Timing t_anchor = cuda_time([&] { (void)anchor::anchor_op(q, k, bs, st, ib, lb, scale); },
                                     a.warmup, a.repeats, a.cpu);
   const Timing t_identify = cuda_time(
-      [&] { (void)anchor::identify_op(q, k, anchors, a.theta, bs, st, ib, lb, scale); }, a.warmup,
+      [&] { (void)anchor::identify_op(q, k, anchors, std::nullopt, a.theta, bs, st, ib, lb, scale); }, a.warmup,
       a.repeats, a.cpu);
   const Timing t_attn = cuda_time(
       [&] { (void)anchor::sparse_attention_op(q, k, v, selection, bs, st, ib, lb, scale); },

@@ -102,10 +102,12 @@ at::Tensor anchor(const at::Tensor& q, const at::Tensor& k, const Geometry& geo)
 }
 
 at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
-                    double theta, const Geometry& geo) {
+                    double theta, const at::Tensor& head_theta, int vote_rows, const Geometry& geo) {
   const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), kv_heads = k.size(1);
   const int64_t groups = geo.num_groups(n), words = selection_words(n);
-  const int64_t q_blocks = geo.num_q_blocks(n);
+  const int64_t units_per_group = geo.group_rows() / vote_rows;
+  const at::Tensor thetas = head_theta.defined() ? head_theta.contiguous() : at::Tensor();
+  const float* theta_of_head = thetas.defined() ? thetas.data_ptr<float>() : nullptr;
   at::Tensor selection = at::zeros({batch, q_heads, groups, words}, q.options().dtype(at::kInt));
   auto* selection_data = reinterpret_cast<uint32_t*>(selection.data_ptr<int32_t>());
   at::parallel_for(0, batch * q_heads * groups, 1, [&](int64_t begin, int64_t end) {
@@ -113,22 +115,25 @@ at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const Task task = split_task(t, q_heads, groups);
       const int64_t m0 = geo.sink_end(), m1 = geo.middle_end(task.unit);
       if (m1 <= m0) continue;  // no middle region: nothing to select
-      // Block-mean queries and anchors of the group's query blocks.
-      const int64_t qb0 = task.unit * geo.step, qb1 = std::min(q_blocks, qb0 + geo.step);
-      at::Tensor q_mean = at::empty({qb1 - qb0, q.size(3)}, at::kFloat);
-      at::Tensor anchor_mean = at::empty({qb1 - qb0, 1}, at::kFloat);
-      for (int64_t qb = qb0; qb < qb1; ++qb) {
-        const int64_t r0 = qb * geo.block_size, r1 = std::min(n, r0 + geo.block_size);
-        q_mean[qb - qb0].copy_(q[task.batch][task.head].slice(0, r0, r1).to(at::kFloat).mean(0));
-        anchor_mean[qb - qb0].copy_(anchor_scores[task.batch][task.head].slice(0, r0, r1).mean());
+      // Mean queries and anchors of the group's vote units (vote_rows rows each).
+      const int64_t first_row = geo.group_start(task.unit);
+      const int64_t units = std::min(units_per_group, (n - first_row + vote_rows - 1) / vote_rows);
+      at::Tensor q_mean = at::empty({units, q.size(3)}, at::kFloat);
+      at::Tensor anchor_mean = at::empty({units, 1}, at::kFloat);
+      for (int64_t u = 0; u < units; ++u) {
+        const int64_t r0 = first_row + u * vote_rows, r1 = std::min(n, r0 + vote_rows);
+        q_mean[u].copy_(q[task.batch][task.head].slice(0, r0, r1).to(at::kFloat).mean(0));
+        anchor_mean[u].copy_(anchor_scores[task.batch][task.head].slice(0, r0, r1).mean());
       }
+      const double group_theta =
+          theta_of_head != nullptr ? double(theta_of_head[task.batch * q_heads + task.head]) : theta;
       const at::Tensor k_head = k[task.batch][kv_head_of(task.head, q_heads, kv_heads)];
       uint32_t* group_words = selection_data + t * words;
       for (int64_t c0 = m0; c0 < m1; c0 += kIdentifyChunk) {
         const int64_t c1 = std::min(m1, c0 + kIdentifyChunk);
         const at::Tensor scores = at::mm(q_mean, k_head.slice(0, c0, c1).to(at::kFloat).t()).mul_(geo.sm_scale);
-        // A block votes for key j when mean anchor - score < theta; the group takes the union.
-        const at::Tensor votes = (anchor_mean - scores).lt(theta).any(0).contiguous();
+        // A unit votes for key j when mean anchor - score < theta; the group takes the union.
+        const at::Tensor votes = (anchor_mean - scores).lt(group_theta).any(0).contiguous();
         const bool* vote = votes.data_ptr<bool>();
         for (int64_t j = c0; j < c1; ++j) {
           if (vote[j - c0]) group_words[j >> 5] |= 1u << (j & 31);

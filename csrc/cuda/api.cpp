@@ -116,7 +116,7 @@ at::Tensor anchor(const at::Tensor& q_in, const at::Tensor& k_in, const Geometry
 }
 
 at::Tensor identify(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& anchor_scores,
-                    double theta, const Geometry& geo) {
+                    double theta, const at::Tensor& head_theta, int vote_rows, const Geometry& geo) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in);
   const int64_t n = q.size(2);
@@ -131,6 +131,9 @@ at::Tensor identify(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   p.selection = reinterpret_cast<uint32_t*>(selection.data_ptr<int32_t>());
   p.num_groups = selection.size(2), p.num_words = selection.size(3);
   p.theta = static_cast<float>(theta);
+  const at::Tensor thetas = head_theta.defined() ? head_theta.contiguous() : at::Tensor();
+  p.head_theta = thetas.defined() ? thetas.data_ptr<float>() : nullptr;
+  p.vote_rows = vote_rows;
   run_identify(p, at::cuda::getCurrentCUDAStream());
   return selection;
 }
@@ -178,7 +181,7 @@ at::Tensor prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   run_attention(p, stream);
 
   // Stage 2, then pass 2: the selected stripes, merged into out.
-  const at::Tensor selection = identify(q, k, anchors, theta, geo);
+  const at::Tensor selection = identify(q, k, anchors, theta, at::Tensor(), geo.block_size, geo);
   p.pass = AttentionPass::kStripesMerge;
   p.selection = reinterpret_cast<const uint32_t*>(selection.data_ptr<int32_t>());
   p.num_groups = selection.size(2), p.num_words = selection.size(3);

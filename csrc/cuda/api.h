@@ -13,7 +13,7 @@ namespace anchor::cuda {
 
 at::Tensor anchor(const at::Tensor& q, const at::Tensor& k, const Geometry& geo);
 at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& anchor_scores,
-                    double theta, const Geometry& geo);
+                    double theta, const at::Tensor& head_theta, int vote_rows, const Geometry& geo);
 std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v,
                                                     const at::Tensor& selection,

@@ -1,13 +1,15 @@
-// Stage 2, identification: for each (batch, q head, group), the block-mean
-// queries of the group's `step` query blocks are multiplied with every key of
+// Stage 2, identification: for each (batch, q head, group), the mean queries of
+// the group's vote units (vote_rows consecutive rows each: a whole query block
+// for the paper's rule, down to single rows) are multiplied with every key of
 // the group's middle region on tensor cores (mma.sync m16n8k16, fp32
-// accumulate), each score is compared with its block's mean anchor, and the
-// group's union of votes is written as the selection bitmask with warp ballots.
+// accumulate), each score is compared with its unit's mean anchor against the
+// head's threshold, and the group's union of votes is written as the selection
+// bitmask with warp ballots.
 //
-// Precision: the block means are fp32; to keep the scores fp32-accurate on
+// Precision: the unit means are fp32; to keep the scores fp32-accurate on
 // 16-bit tensor cores, each mean is split into hi + lo 16-bit parts and both are
 // multiplied (hi·k + lo·k), so a vote differs from the fp32 reference only
-// within ~1e-5 of theta.
+// within ~1e-5 of theta. Single-row units are exact in 16 bits: no lo part.
 //
 // Work split: one CTA per (group, batch, up to heads_per_cta q heads sharing one
 // kv head), 4 warps; each warp walks 32-key tiles of the middle region
@@ -57,7 +59,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 template <typename Element, int kHeadDim>
 struct IdentifySmem {
   static constexpr int kPitch = kHeadDim + 8;  // elements per smem row
-  int rows_per_head;                           // step rounded up to 16
+  int rows_per_head;                           // vote units per group rounded up to 16
   int heads;                                   // q heads per CTA
   __device__ __host__ int mean_rows() const { return rows_per_head * heads; }
   __device__ __host__ size_t mean_bytes() const { return size_t(mean_rows()) * kPitch * sizeof(Element); }
@@ -97,29 +99,28 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
   if (m1 <= m0) return;
 
   extern __shared__ __align__(128) char smem_raw[];
-  Smem layout{((geo.step + 15) / 16) * 16, heads};
+  Smem layout{((int(geo.group_rows() / p.vote_rows) + 15) / 16) * 16, heads};
   auto* mean_hi = reinterpret_cast<Element*>(smem_raw);
   auto* mean_lo = reinterpret_cast<Element*>(smem_raw + layout.mean_bytes());
   auto* mean_anchor = reinterpret_cast<float*>(smem_raw + 2 * layout.mean_bytes());
   auto* key_tiles = reinterpret_cast<Element*>(smem_raw + 2 * layout.mean_bytes() +
                                                layout.mean_rows() * sizeof(float));
 
-  // ---- block means of the group's queries and anchors (fp32), split hi + lo ----
-  // Row r of the mean tile is query block (r % rows_per_head) of head r / rows_per_head.
-  const int64_t q_blocks = geo.num_q_blocks(p.seqlen);
-  const int64_t first_block = int64_t(group) * geo.step;
+  // ---- mean queries and anchors of the group's vote units (fp32), split hi + lo ----
+  // Row r of the mean tile is vote unit (r % rows_per_head) of head r / rows_per_head.
+  const int units_per_group = int(geo.group_rows() / p.vote_rows);
+  const int64_t first_row = geo.group_start(group);
   constexpr int kPerLane = kHeadDim / 32;
   for (int r = warp; r < layout.mean_rows(); r += kWarps) {
-    const int head = first_head + r / layout.rows_per_head, block_in_group = r % layout.rows_per_head;
+    const int head = first_head + r / layout.rows_per_head, unit = r % layout.rows_per_head;
     const auto* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
     const float* anchor = p.anchor + (int64_t(batch) * p.q_heads + head) * p.seqlen;
-    const int64_t qb = first_block + block_in_group;
+    const int64_t row0 = first_row + int64_t(unit) * p.vote_rows;
     float sum[kPerLane] = {};
     float anchor_sum = 0.f;
     int64_t count = 0;
-    if (block_in_group < geo.step && qb < q_blocks) {
-      const int64_t row0 = qb * geo.block_size;
-      const int64_t row1 = min(int64_t(p.seqlen), row0 + geo.block_size);
+    if (unit < units_per_group && row0 < p.seqlen) {
+      const int64_t row1 = min(int64_t(p.seqlen), row0 + p.vote_rows);
       count = row1 - row0;
       for (int64_t row = row0; row < row1; ++row) {
         const Element* src = q + row * p.q_row_stride + lane * kPerLane;
@@ -158,7 +159,8 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
   };
 
   const int64_t num_tiles = (m1 - m0) / kTileKeys;
-  const float scale = geo.sm_scale, theta = p.theta;
+  const float scale = geo.sm_scale;
+  const bool split = p.vote_rows > 1;  // single-row means are exact in 16 bits
   const int g = lane / 4;  // mma row group of this lane
   int stage = 0;
   if (warp < num_tiles) load_tile(warp, 0);
@@ -187,6 +189,8 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
     }
 
     for (int h = 0; h < heads; ++h) {
+      const float theta =
+          p.head_theta != nullptr ? p.head_theta[int64_t(batch) * p.q_heads + first_head + h] : p.theta;
       // Vote bits of this lane: bit (n_tile * 2 + e) <-> key n_tile * 8 + 2t + e.
       uint32_t votes = 0;
       for (int m_tile = h * layout.rows_per_head / 16; m_tile < (h + 1) * layout.rows_per_head / 16; ++m_tile) {
@@ -196,11 +200,11 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
           uint32_t a_hi[4], a_lo[4];
           const int row = m_tile * 16 + (lane % 16), col = kk * 16 + (lane / 16) * 8;
           ldmatrix_x4(a_hi, mean_hi + row * kPitch + col);
-          ldmatrix_x4(a_lo, mean_lo + row * kPitch + col);
+          if (split) ldmatrix_x4(a_lo, mean_lo + row * kPitch + col);
 #pragma unroll
           for (int n_tile = 0; n_tile < 4; ++n_tile) {
             mma_16x8x16<Element>(acc[n_tile], a_hi, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
-            mma_16x8x16<Element>(acc[n_tile], a_lo, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
+            if (split) mma_16x8x16<Element>(acc[n_tile], a_lo, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
           }
         }
         const float anchor_top = mean_anchor[m_tile * 16 + g];
@@ -232,7 +236,8 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
 template <typename Element, int kHeadDim>
 void launch_identify(const IdentifyParams& p, cudaStream_t stream) {
   IdentifyParams params = p;
-  const int rows_per_head = ((p.geo.step + 15) / 16) * 16;
+  const int units_per_group = int(p.geo.group_rows() / p.vote_rows);
+  const int rows_per_head = ((units_per_group + 15) / 16) * 16;
   // Up to 128 mean rows per CTA (q heads of one kv head together: each K tile is
   // read once for all of them), <= ~140 KB of smem; but one head per CTA when
   // packing would leave SMs idle (short sequences, few groups).

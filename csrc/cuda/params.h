@@ -50,11 +50,15 @@ struct AttentionParams : QKVParams {
 };
 
 // Stage 2: per (batch, group, q heads of one kv head), stripe votes written as the bitmask.
+// A group's rows are cut into vote units of vote_rows rows; each unit's mean query and
+// mean anchor vote (anchor_mean - score < theta), the group keeps the union.
 struct IdentifyParams : QKVParams {
   const float* anchor = nullptr;  // (B, Hq, N) contiguous
   uint32_t* selection = nullptr;  // (B, Hq, num_groups, num_words) contiguous; every word written
   int64_t num_groups = 0, num_words = 0;
   float theta = 12.f;
+  const float* head_theta = nullptr;  // (B, Hq) contiguous: replaces theta per head when set
+  int vote_rows = 128;                // rows per vote unit (divides block_size)
   int heads_per_cta = 1;  // q heads of one kv head handled together (each K tile read once for all)
 };
 

@@ -50,7 +50,7 @@ int main() {
 
   geometry.theta = 3.0;
   const at::Tensor anchors = anchor::anchor_op(q, k, 32, 2, 1, 1, std::nullopt);
-  const at::Tensor selection = anchor::identify_op(q, k, anchors, 3.0, 32, 2, 1, 1, std::nullopt);
+  const at::Tensor selection = anchor::identify_op(q, k, anchors, std::nullopt, 3.0, 32, 2, 1, 1, std::nullopt);
   const auto [out, lse] = anchor::sparse_attention_op(q, k, v, selection, 32, 2, 1, 1, std::nullopt);
   expect_close("prefill == anchor -> identify -> sparse_attention", anchor::prefill(q, k, v, geometry),
                out, 0.0);

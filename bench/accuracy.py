@@ -1,0 +1,225 @@
+"""Selection quality over input families: the frontier against the block oracles (SPEC §5).
+
+    python -m bench.accuracy --device cuda --n 32768,131072 --out bench/results/accuracy_h200.json
+    python -m bench.accuracy --device cpu --n 8192 --q-heads 8 --kv-heads 2 \\
+        --families realistic,retrieval,real:code --out bench/results/accuracy_cpu_8k.json
+
+For every family of :mod:`anchor_ext.families` and length:
+
+* the per-row, 64-row and 128-row block oracle densities at mean recall 0.90 / 0.95 / 0.99;
+* for every setting (the paper's fixed theta at step 16, and recall targets with the
+  vote unit and step named in ``SETTINGS``): the kept density (computed causal pairs over
+  all causal pairs), mean row recall, p1, the worst of the first 8 rows of the sampled
+  groups, the lowest per-head mean, and the share of heads whose mean reaches the target;
+* on CUDA, the prefill time against cuDNN's dense SDPA on the same tensors.
+
+Recall is measured on query blocks drawn at random (seeded), not on the rows the
+recall probe calibrates on. Writes JSON (device, versions, commit, command) and one
+frontier plot per family (density against mean recall beside the oracle curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+import anchor_ext
+from anchor_ext import families, metrics
+from anchor_ext.reference import SparseConfig, computed_mask
+from bench.prefill import run_header, write_json
+
+TARGETS = (0.90, 0.95, 0.99)
+# name -> prefill options (the selection knobs; geometry defaults otherwise).
+SETTINGS = {
+    **{f"theta={t:g}": {"theta": float(t)} for t in (8, 10, 12, 14, 16)},
+    **{f"recall={r:g} step=1 vote=16": {"recall": r, "step": 1, "vote_rows": 16} for r in TARGETS},
+    **{f"recall={r:g} step=1 vote=128": {"recall": r, "step": 1, "vote_rows": 128} for r in TARGETS},
+    **{f"recall={r:g} step=1 vote={v}": {"recall": r, "step": 1, "vote_rows": v} for r in TARGETS
+       for v in (1, 4)},
+    **{f"recall={r:g} step=4 vote=16": {"recall": r, "step": 4, "vote_rows": 16} for r in TARGETS},
+    **{f"recall={r:g} step=16 vote=128": {"recall": r, "step": 16, "vote_rows": 128} for r in TARGETS},
+}
+
+
+def eval_blocks(n: int, block_size: int, count: int, seed: int) -> list[int]:
+    """First rows of ``count`` query blocks drawn at random (seeded), the last block included."""
+    blocks = -(-n // block_size)
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(blocks, generator=gen)[:count - 1].tolist() + [blocks - 1]
+    return sorted({b * block_size for b in picked})
+
+
+@torch.no_grad()
+def quality(q, k, selection, cfg: SparseConfig, sm_scale, starts) -> dict:
+    """Row recall on the blocks starting at ``starts`` and on the first rows of their groups."""
+    bsz, hq, n, d = q.shape
+    group = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    group_starts = sorted({(r0 // cfg.group_rows) * cfg.group_rows for r0 in starts})
+    per_head, first_rows = [], []
+    for b in range(bsz):
+        for h in range(hq):
+            kh = k[b, h // group].float()
+            recalls = []
+            for r0, is_first in [(r, False) for r in starts] + [(r, True) for r in group_starts]:
+                r1 = min(n, r0 + (8 if is_first else cfg.block_size))
+                rows = torch.arange(r0, r1, device=q.device)
+                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
+                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
+                probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
+                recall = (probs * keep).sum(-1)
+                (first_rows if is_first else recalls).append(recall)
+            per_head.append(torch.cat(recalls))
+    rows = torch.stack(per_head).double().cpu()
+    head_means = rows.mean(1)
+    return {"recall_mean": float(rows.mean()), "recall_p01": float(torch.quantile(rows.flatten(), 0.01)),
+            "first_rows_min": float(torch.cat(first_rows).min()),
+            "head_mean_min": float(head_means.min()), "head_means": head_means.tolist()}
+
+
+def time_ms(fn, repeats: int = 5) -> float:
+    """Median CUDA-event time of ``fn()`` in ms, after a warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def recall_stage_ms(q, k, v, options: dict, cfg: SparseConfig, sm_scale, head_theta) -> dict:
+    """CUDA time of each part of the recall mode: stage 1, the probe, identify, stage 3."""
+    from anchor_ext import recall as recall_mode
+
+    geometry = dict(step=cfg.step, sm_scale=sm_scale)
+    vote_rows = options.get("vote_rows", anchor_ext.RECALL_DEFAULTS["vote_rows"])
+    anchors = anchor_ext.anchor(q, k, **geometry)
+    selection = anchor_ext.identify(q, k, anchors, vote_rows=vote_rows, head_theta=head_theta, **geometry)
+    return {
+        "anchor": time_ms(lambda: anchor_ext.anchor(q, k, **geometry)),
+        "probe": time_ms(lambda: recall_mode.calibrate_theta(
+            q, k, anchors, recall=options["recall"], cfg=cfg, vote_rows=vote_rows, sm_scale=sm_scale)),
+        "identify": time_ms(lambda: anchor_ext.identify(q, k, anchors, vote_rows=vote_rows,
+                                                        head_theta=head_theta, **geometry)),
+        "sparse_attention": time_ms(lambda: anchor_ext.sparse_attention(q, k, v, selection, **geometry)),
+    }
+
+
+def run_family(family: str, n: int, args) -> dict:
+    q, k, v, sm_scale = families.make(family, n, device=args.device, seed=args.seed,
+                                      q_heads=args.q_heads, kv_heads=args.kv_heads)
+    oracles = {}
+    for rows in (1, 64, 128):
+        density = metrics.oracle_density(q, k, block_rows=rows, targets=TARGETS,
+                                         blocks=args.oracle_blocks * (4 if rows == 1 else 1),
+                                         sm_scale=sm_scale)
+        oracles[str(rows)] = {str(t): density[t] for t in TARGETS}
+    result = {"family": family, "n": n, "shape": list(q.shape), "kv_heads": k.shape[1],
+              "oracle": oracles, "settings": {}}
+    starts_by_block = {}
+    dense_ms = None
+    if args.device == "cuda":
+        dense_ms = time_ms(lambda: anchor_ext.prefill(q, k, v, path="dense", sm_scale=sm_scale))
+        result["dense_ms"] = dense_ms
+    for name in args.settings:
+        options = dict(SETTINGS[name])
+        cfg = SparseConfig(128, options.get("step", 16), 1, 1)
+        t0 = time.perf_counter()
+        _, stats = anchor_ext.prefill(q, k, v, path="sparse", return_stats=True, sm_scale=sm_scale,
+                                      **options)
+        elapsed = time.perf_counter() - t0
+        starts = starts_by_block.setdefault(cfg.block_size, eval_blocks(
+            n, cfg.block_size, args.eval_blocks, args.seed + 1))
+        row = {"options": options, "density": 1.0 - stats["sparsity"],
+               **quality(q, k, stats["selection"], cfg, sm_scale, starts)}
+        if "head_theta" in stats:
+            theta = stats["head_theta"].flatten()
+            row["dense_heads"] = int((~torch.isfinite(theta)).sum())
+            finite = theta[torch.isfinite(theta)]
+            row["theta_median"] = float(finite.median()) if finite.numel() else None
+        if dense_ms is not None:
+            ms = time_ms(lambda: anchor_ext.prefill(q, k, v, path="sparse", sm_scale=sm_scale, **options))
+            row.update(ms=ms, speedup=dense_ms / ms)
+            if "recall" in options:
+                row["stage_ms"] = recall_stage_ms(q, k, v, options, cfg, sm_scale, stats["head_theta"])
+        else:
+            row["cpu_s"] = elapsed
+        if "recall" in options:
+            target = options["recall"]
+            row["heads_reaching_target"] = sum(m >= target - 1e-3 for m in row["head_means"]) / len(row["head_means"])
+        result["settings"][name] = row
+        print(f"{family:>16} n={n:>7} {name:>28}: density {row['density']:.3f} recall "
+              f"{row['recall_mean']:.3f} p1 {row['recall_p01']:.3f} first {row['first_rows_min']:.3f}"
+              + (f" {row['speedup']:.2f}x" if "speedup" in row else ""), flush=True)
+    print(f"{family:>16} n={n:>7} oracle 1/64/128 at .95: "
+          + " / ".join(f"{oracles[r]['0.95']:.3f}" for r in ("1", "64", "128")), flush=True)
+    return result
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        for rows, style in (("1", ":"), ("128", "--")):
+            ax.plot([float(t) for t in run["oracle"][rows]], list(run["oracle"][rows].values()),
+                    style, color="k", label=f"{rows}-row oracle")
+        for kind, marker in (("theta=", "o"), ("step=1 vote=16", "s"), ("step=4", "^"),
+                             ("step=1 vote=128", "v"), ("step=16", "x")):
+            pts = [(r["recall_mean"], r["density"]) for name, r in run["settings"].items() if kind in name]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker=marker, label=kind.strip("="), ms=4)
+        ax.set_title(f"{run['family']} n={run['n']}", fontsize=9)
+        ax.set_xlabel("mean recall")
+        ax.set_ylabel("kept density")
+        ax.set_yscale("log")
+        ax.set_xlim(0.8, 1.0)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--families", default=",".join(families.FAMILIES),
+                        help="comma-separated names from anchor_ext.families.FAMILIES")
+    parser.add_argument("--n", default="8192", help="comma-separated lengths (real:* use 8192)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="names from SETTINGS")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-blocks", type=int, default=16, help="query blocks per head for recall")
+    parser.add_argument("--oracle-blocks", type=int, default=8, help="blocks per head for the oracles")
+    parser.add_argument("--out", default="bench/results/accuracy.json")
+    parser.add_argument("--commit", default="unknown", help="commit recorded in the JSON")
+    args = parser.parse_args(argv)
+    args.settings = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+    results = {**run_header("bench.accuracy", argv, args.commit, args.device), "runs": []}
+    for family in args.families.split(","):
+        lengths = [8192] if family.startswith("real:") else [int(x) for x in args.n.split(",")]
+        for n in lengths:
+            results["runs"].append(run_family(family, n, args))
+            write_json(results, args.out)
+    plot(results, args.out.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    main()
