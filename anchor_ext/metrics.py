@@ -137,8 +137,10 @@ def oracle_density(q, k, *, block_rows=128, targets=(0.90, 0.95, 0.99), blocks=1
     selection shared by a kernel row tile, ``step * block_size`` one shared by a group.
     Dense rows are computed in fp32, one block at a time (never an N x N tensor).
 
-    Returns ``{target: mean density over (batch, head, block)}`` and ``"per_head"``:
-    ``{target: (B, Hq) tensor}``.
+    Returns ``{target: mean density over (batch, head, block)}``, ``"per_head"``:
+    ``{target: (B, Hq) tensor}``, and ``"pair_weighted"``: ``{target: kept pairs over causal
+    pairs, summed over the sampled blocks}`` (late blocks weigh more, as in a method's
+    overall density, so the two compare at equal cost).
     """
     bsz, hq, n, d = q.shape
     group_size = hq // k.shape[1]
@@ -147,6 +149,8 @@ def oracle_density(q, k, *, block_rows=128, targets=(0.90, 0.95, 0.99), blocks=1
     picked = sorted({round(i * (num_blocks - 1) / max(1, blocks - 1))
                      for i in range(min(blocks, num_blocks))})
     per_head = {t: torch.zeros(bsz, hq, dtype=torch.float64) for t in targets}
+    kept_pairs = {t: 0.0 for t in targets}
+    causal_pairs = 0.0
     for b in range(bsz):
         for h in range(hq):
             kh = k[b, h // group_size].float()
@@ -161,11 +165,14 @@ def oracle_density(q, k, *, block_rows=128, targets=(0.90, 0.95, 0.99), blocks=1
                 mean_recall = (probs[:, order].sum(0) / (r1 - r0)).double().cumsum(0)
                 pairs = causal[:, order].sum(0).double().cumsum(0)
                 total_pairs = float(pairs[-1])
+                causal_pairs += total_pairs
                 for t in targets:
                     # The shortest prefix reaching t within fp32 rounding of the softmax
                     # (1e-6), the whole block when rounding leaves it just short.
                     prefix = min(int((mean_recall < t - 1e-6).sum()), r1 - 1)
                     per_head[t][b, h] += float(pairs[prefix]) / total_pairs
+                    kept_pairs[t] += float(pairs[prefix])
     for t in targets:
         per_head[t] /= len(picked)
-    return {**{t: float(per_head[t].mean()) for t in targets}, "per_head": per_head}
+    return {**{t: float(per_head[t].mean()) for t in targets}, "per_head": per_head,
+            "pair_weighted": {t: kept_pairs[t] / causal_pairs for t in targets}}

@@ -106,8 +106,12 @@ def test_oracle_density_per_row_on_uniform_attention():
     got = metrics.oracle_density(q, k, block_rows=1, targets=(0.5, 0.9), blocks=n)
     rows = torch.arange(n, dtype=torch.float64)
     for t in (0.5, 0.9):
-        expected = float((torch.ceil(t * (rows + 1) - 1e-9) / (rows + 1)).mean())
+        kept = torch.ceil(t * (rows + 1) - 1e-9)
+        expected = float((kept / (rows + 1)).mean())
         assert abs(got[t] - expected) < 1e-6, (t, got[t], expected)
+        # Pair-weighted: kept pairs over causal pairs of all sampled rows.
+        weighted = float(kept.sum() / (rows + 1).sum())
+        assert abs(got["pair_weighted"][t] - weighted) < 1e-6, (t, got["pair_weighted"][t], weighted)
 
 
 def test_block_oracle_pays_for_sharing_on_diagonal_heads():

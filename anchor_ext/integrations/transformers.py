@@ -35,7 +35,9 @@ __all__ = ["register", "anchor_attention_forward", "capture", "prefill_calls"]
 _OPTION_KEYS = ("method", "theta", "path", "block_size", "step", "init_blocks", "local_blocks",
                 # method="skeleton" / "hybrid" (anchor_ext.ops): the model's RoPE and the mask
                 "rope_base", "rotary_dim", "eps", "sparsity", "granularity", "samples", "ridge",
-                "seed")
+                "seed",
+                # the recall target (anchor_ext.recall)
+                "recall", "vote_rows", "probe_groups", "probe_rows")
 
 # Per registered name: how many attention calls took each route (tests and benchmarks read it).
 prefill_calls: dict[str, dict[str, int]] = {}
@@ -139,7 +141,8 @@ def anchor_attention_forward(module, query, key, value, attention_mask, dropout=
 def register(name: str = "anchor", **options) -> str:
     """Register ``name`` as a transformers attention implementation running anchor_ext.
 
-    ``options`` go to :func:`anchor_ext.prefill`: ``method``, ``theta``, ``path``,
+    ``options`` go to :func:`anchor_ext.prefill`: ``method``, ``theta``, ``recall`` (with
+    ``vote_rows``, ``probe_groups``, ``probe_rows``), ``path``,
     ``block_size``, ``step``, ``init_blocks``, ``local_blocks``, and for ``method="skeleton"``
     / ``"hybrid"`` ``rope_base`` (the model's ``rope_theta``), ``rotary_dim``, ``eps``,
     ``sparsity``, ``granularity``, ``samples``, ``ridge``, ``seed`` (``sm_scale`` comes from

@@ -57,7 +57,8 @@ def quality_by_head(calls, options: dict, *, blocks: int = 16) -> list[dict]:
     options = {key: value for key, value in options.items() if key != "path"}
     method = options.get("method", "anchor")
     geometry = {k: options[k] for k in _GEOMETRY if k in options}
-    geometry.setdefault("step", 16 if method == "anchor" else 1)  # prefill's defaults
+    # prefill's defaults: step 16 for the paper's fixed theta, 1 for a recall target or skeleton
+    geometry.setdefault("step", 16 if method == "anchor" and options.get("recall") is None else 1)
     cfg = SparseConfig(**geometry)
     rows = []
     for layer, q, k, v, scale in calls:
