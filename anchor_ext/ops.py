@@ -103,7 +103,7 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
             calibrated from an exact probe so that the probe rows keep that share of their
             dense softmax mass (:mod:`anchor_ext.recall`); heads that cannot reach it with
             a selection go dense on their own. Takes ``vote_rows`` (rows per vote unit,
-            default ``RECALL_DEFAULTS``), ``probe_groups`` (16) and ``probe_rows`` (8);
+            default ``RECALL_DEFAULTS``), ``probe_groups`` (8) and ``probe_rows`` (8);
             its geometry default is ``step=1`` (one selection per query block).
             ``return_stats`` adds ``head_theta``.
         **options: ``block_size`` (128), ``step`` (16), ``init_blocks`` (1),
@@ -191,7 +191,7 @@ def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
     anchors = anchor(q, k, **geometry)
     head_theta = recall_mode.calibrate_theta(
         q, k, anchors, recall=float(recall), cfg=cfg, vote_rows=vote_rows,
-        probe_groups=options.get("probe_groups", 16), probe_rows=options.get("probe_rows", 8),
+        probe_groups=options.get("probe_groups", 8), probe_rows=options.get("probe_rows", 8),
         sm_scale=geometry.get("sm_scale"))
     selection = identify(q, k, anchors, vote_rows=vote_rows, head_theta=head_theta, **geometry)
     choice = {"path": "sparse", "reason": "requested"}

@@ -14,8 +14,8 @@ so a user cannot choose it. Here the user names the recall instead:
    each (``probe_rows``, the group's first row among them: its local window is the
    shortest) get their exact dense softmax over all earlier keys, and their group's gaps
    are computed. A key adds its probability to a probe row's recall once ``theta_h``
-   exceeds its gap, so a histogram of probability over gap bins gives every row's recall
-   as a function of ``theta_h`` at once (no sort).
+   exceeds its gap, so a histogram of probability over gap bins gives the rows' mean
+   recall as a function of ``theta_h`` at once (no sort).
 3. **Threshold.** ``theta_h`` is the smallest grid value at which the probe rows' *mean*
    recall reaches the target; a head that cannot reach it below :data:`THETA_GRID`'s top
    gets ``+inf``: every middle key, i.e. dense (a head whose block means miss its rows'
@@ -33,8 +33,7 @@ import math
 
 import torch
 
-from .reference import (SparseConfig, always_mask, check_vote_rows, middle_range, num_groups,
-                        unit_gaps)
+from .reference import SparseConfig, check_vote_rows, middle_range, num_groups, unit_means
 
 __all__ = ["THETA_GRID", "probe_plan", "calibrate_theta"]
 
@@ -71,40 +70,55 @@ def probe_plan(n: int, cfg: SparseConfig, probe_groups: int, probe_rows: int, de
 
 @torch.no_grad()
 def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_rows: int,
-                    probe_groups: int = 16, probe_rows: int = 8, sm_scale=None) -> torch.Tensor:
+                    probe_groups: int = 8, probe_rows: int = 8, sm_scale=None) -> torch.Tensor:
     """Per-head thresholds whose probe rows reach mean ``recall``: fp32 ``(B, Hq)`` on
     ``q``'s device, ``+inf`` for heads that need every middle key (see the module
-    docstring). ``anchors`` are stage 1's row maxima (natural log)."""
-    if not (isinstance(recall, (int, float)) and 0.0 < recall <= 1.0):
+    docstring). ``anchors`` are stage 1's row maxima (natural log).
+
+    Cost: per kv head, two matrix products in the input dtype (the probe rows and the
+    probe groups' vote units against all keys) and a few passes over their scores; the
+    histogram is taken per probe group (its rows share the group's gaps, so their
+    probabilities are averaged first).
+    """
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
         raise ValueError(f"recall: expected a number in (0, 1], got {recall!r}")
     bsz, hq, n, d = q.shape
     hkv = k.shape[1]
+    per_kv = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     vote_rows = check_vote_rows(vote_rows, cfg.block_size)
     groups, rows = probe_plan(n, cfg, probe_groups, probe_rows, q.device)
     theta = torch.full((bsz, hq), math.inf, dtype=torch.float32, device=q.device)
     if groups.numel() == 0:
         return theta  # no middle region anywhere: every key is always computed
+    num_probe, per_group = rows.shape
     grid = THETA_GRID.to(q.device)
-    flat_rows = rows.flatten()                                               # (P*R,)
-    gaps = unit_gaps(q, k, anchors, cfg, vote_rows=vote_rows, groups=groups, sm_scale=sm_scale)
+    edges = grid.numel()
     keys = torch.arange(n, device=q.device)
-    causal = keys[None, :] <= flat_rows[:, None]
-    always = always_mask(flat_rows, n, cfg)
-    bins = grid.numel() + 1
+    causal = keys[None, :] <= rows.flatten()[:, None]                              # (P*R, N)
+    middle_end = groups * cfg.group_rows - cfg.local_blocks * cfg.block_size
+    middle = (keys[None, :] >= cfg.sink_end) & (keys[None, :] < middle_end[:, None])  # (P, N)
+    q_mean, a_mean = unit_means(q, anchors, cfg, vote_rows, groups)               # (B, Hq, P, U, D)
+    units = q_mean.shape[3]
     for b in range(bsz):
-        for h in range(hq):
-            kh = k[b, h // (hq // hkv)].float()
-            scores = (q[b, h, flat_rows].float() @ kh.T) * scale
-            probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)  # (P*R, N)
-            row_gap = gaps[b, h].repeat_interleave(rows.shape[1], dim=0)            # (P*R, N)
+        for kv in range(hkv):
+            heads = slice(kv * per_kv, (kv + 1) * per_kv)
+            kh = k[b, kv]
+            # Exact softmax of the probe rows, averaged over each group's rows.
+            scores = (q[b, heads][:, rows.flatten()] @ kh.T).float().mul_(scale)
+            probs = torch.softmax(scores.masked_fill_(~causal, -math.inf), dim=-1)
+            group_probs = probs.view(per_kv, num_probe, per_group, n).mean(2) * middle
+            # The groups' gaps: min over vote units of mean anchor - score.
+            unit_scores = (q_mean[b, heads].to(q.dtype).flatten(0, 2) @ kh.T).float()
+            gaps = (a_mean[b, heads][..., None] - scale * unit_scores.view(per_kv, num_probe, units, n)).amin(2)
             # Key j counts at grid edge e once gap_j < e: bin = number of edges <= gap.
-            index = torch.searchsorted(grid, row_gap.contiguous(), right=True)
-            index = index.masked_fill(~torch.isfinite(row_gap), bins - 1)
-            middle_mass = torch.zeros(len(flat_rows), bins, device=q.device).scatter_add_(
-                1, index, probs.masked_fill(always | ~torch.isfinite(row_gap), 0.0))
-            curve = (probs * always).sum(-1, keepdim=True) + middle_mass.cumsum(1)[:, :-1]
-            reached = curve.mean(0) >= recall - 1e-6                                # (E,)
-            first = torch.argmax(reached.int())
-            theta[b, h] = torch.where(reached.any(), grid[first], math.inf)
+            index = ((gaps - grid[0]) / (grid[1] - grid[0])).floor_().add_(1).clamp_(0, edges)
+            index = index.nan_to_num_(nan=edges).long()
+            hist = torch.zeros(per_kv, num_probe, edges + 1, device=q.device)
+            hist.scatter_add_(2, index, group_probs)
+            # Recall at each edge: everything outside the middle region plus the kept middle mass.
+            curve = 1.0 - group_probs.sum(-1, keepdim=True) + hist.cumsum(2)[..., :edges]
+            reached = curve.mean(1) >= recall - 1e-6                                 # (per_kv, E)
+            first = torch.argmax(reached.int(), dim=-1)
+            theta[b, heads] = torch.where(reached.any(-1), grid[first], math.inf)
     return theta

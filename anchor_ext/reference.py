@@ -275,6 +275,8 @@ def unit_gaps(q, k, anchor_scores, cfg: SparseConfig, *, vote_rows=None, groups=
     if groups is None:
         groups = torch.arange(num_groups(n, cfg), device=q.device)
     q_mean, a_mean = unit_means(q, anchor_scores, cfg, vote_rows, groups)
+    if vote_rows < cfg.block_size:  # sub-block units: the mean rounded to the input dtype
+        q_mean = q_mean.to(q.dtype).float()
     keys = torch.arange(n, device=q.device)
     middle_end = groups * cfg.group_rows - cfg.local_blocks * cfg.block_size
     in_middle = (keys[None, :] >= cfg.sink_end) & (keys[None, :] < middle_end[:, None])
@@ -292,8 +294,9 @@ def identify(q, k, anchor_scores, *, theta=12.0, block_size=128, step=16, init_b
     """Stage 2: stripe selection as an int32 bitmask ``(B, Hq, num_groups, ceil(N/32))``.
 
     Each group's rows are cut into vote units of ``vote_rows`` consecutive rows (default
-    ``block_size``: the paper's query blocks). For each unit: ``qbar`` = mean of its rows,
-    ``abar`` = mean of their anchors; middle key ``j`` gets the unit's vote when
+    ``block_size``: the paper's query blocks). For each unit: ``qbar`` = mean of its rows
+    (fp32 for whole blocks; for smaller units rounded to the input dtype, which keeps the
+    kernels' scores one tensor-core product), ``abar`` = mean of their anchors; middle key ``j`` gets the unit's vote when
     ``abar - scale * qbar . k_j < theta``. A group's selection is the union of its units'
     votes. ``head_theta`` (fp32 ``(B, Hq)``, may hold ``+inf``: every middle key) replaces
     ``theta`` per head.

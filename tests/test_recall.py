@@ -38,6 +38,8 @@ def test_identify_vote_units_match_reference(device, heads, n, vote_rows):
     q, k, _ = make_inputs(batch, hq, hkv, n, d, dtype, device=device, seed=n + vote_rows,
                           contiguous=n != 1000)
     for step, per_head in ((1, True), (2, False), (16, True)):
+        if device == "cuda" and step * 128 // vote_rows > 256:
+            continue  # beyond the CUDA kernel's vote units per group (tested below)
         geometry = dict(step=step)
         anchors = anchor_ext.anchor(q, k, **geometry)
         head_theta = head_thresholds(batch, hq, device) if per_head else None

@@ -122,7 +122,10 @@ at::Tensor identify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       at::Tensor anchor_mean = at::empty({units, 1}, at::kFloat);
       for (int64_t u = 0; u < units; ++u) {
         const int64_t r0 = first_row + u * vote_rows, r1 = std::min(n, r0 + vote_rows);
-        q_mean[u].copy_(q[task.batch][task.head].slice(0, r0, r1).to(at::kFloat).mean(0));
+        at::Tensor mean = q[task.batch][task.head].slice(0, r0, r1).to(at::kFloat).mean(0);
+        // Sub-block units use their mean rounded to the input dtype (the reference's rule).
+        if (vote_rows < geo.block_size) mean = mean.to(q.scalar_type()).to(at::kFloat);
+        q_mean[u].copy_(mean);
         anchor_mean[u].copy_(anchor_scores[task.batch][task.head].slice(0, r0, r1).mean());
       }
       const double group_theta =

@@ -59,15 +59,20 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 template <typename Element, int kHeadDim>
 struct IdentifySmem {
   static constexpr int kPitch = kHeadDim + 8;  // elements per smem row
-  int rows_per_head;                           // vote units per group rounded up to 16
+  int rows_per_head;                           // segment rows: 8 units, or units rounded up to 16
   int heads;                                   // q heads per CTA
-  __device__ __host__ int mean_rows() const { return rows_per_head * heads; }
+  // Whole m16 tiles: an odd head count of 8-row segments leaves 8 padding rows.
+  __device__ __host__ int mean_rows() const { return (rows_per_head * heads + 15) / 16 * 16; }
   __device__ __host__ size_t mean_bytes() const { return size_t(mean_rows()) * kPitch * sizeof(Element); }
   __device__ __host__ size_t key_tile_bytes() const { return size_t(kTileKeys) * kPitch * sizeof(Element); }
   __device__ __host__ size_t total_bytes() const {
     return 2 * mean_bytes() + mean_rows() * sizeof(float) + kWarps * kStages * key_tile_bytes();
   }
 };
+
+// Mean-tile rows of one (head, group): 8 units fill half an m16 tile (two heads share
+// a tile, unpadded: the vote union of each half is its own), others round up to 16.
+__host__ __device__ inline int segment_rows(int units) { return units == 8 ? 8 : (units + 15) / 16 * 16; }
 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams p) {
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
   if (m1 <= m0) return;
 
   extern __shared__ __align__(128) char smem_raw[];
-  Smem layout{((int(geo.group_rows() / p.vote_rows) + 15) / 16) * 16, heads};
+  Smem layout{segment_rows(int(geo.group_rows() / p.vote_rows)), heads};
   auto* mean_hi = reinterpret_cast<Element*>(smem_raw);
   auto* mean_lo = reinterpret_cast<Element*>(smem_raw + layout.mean_bytes());
   auto* mean_anchor = reinterpret_cast<float*>(smem_raw + 2 * layout.mean_bytes());
@@ -119,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
     float sum[kPerLane] = {};
     float anchor_sum = 0.f;
     int64_t count = 0;
-    if (unit < units_per_group && row0 < p.seqlen) {
+    if (r / layout.rows_per_head < heads && unit < units_per_group && row0 < p.seqlen) {
       const int64_t row1 = min(int64_t(p.seqlen), row0 + p.vote_rows);
       count = row1 - row0;
       for (int64_t row = row0; row < row1; ++row) {
@@ -160,7 +165,13 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
 
   const int64_t num_tiles = (m1 - m0) / kTileKeys;
   const float scale = geo.sm_scale;
-  const bool split = p.vote_rows > 1;  // single-row means are exact in 16 bits
+  // Block means keep fp32 accuracy (hi + lo); smaller units use their mean rounded to
+  // the input dtype, as the reference defines them (half the tensor-core work).
+  const bool split = p.vote_rows == geo.block_size;
+  auto theta_of = [&](int h) {
+    return p.head_theta != nullptr && h < heads ? p.head_theta[int64_t(batch) * p.q_heads + first_head + h]
+                                                : p.theta;
+  };
   const int g = lane / 4;  // mma row group of this lane
   int stage = 0;
   if (warp < num_tiles) load_tile(warp, 0);
@@ -188,45 +199,58 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
       }
     }
 
-    for (int h = 0; h < heads; ++h) {
-      const float theta =
-          p.head_theta != nullptr ? p.head_theta[int64_t(batch) * p.q_heads + first_head + h] : p.theta;
-      // Vote bits of this lane: bit (n_tile * 2 + e) <-> key n_tile * 8 + 2t + e.
-      uint32_t votes = 0;
-      for (int m_tile = h * layout.rows_per_head / 16; m_tile < (h + 1) * layout.rows_per_head / 16; ++m_tile) {
-        float acc[4][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-          uint32_t a_hi[4], a_lo[4];
-          const int row = m_tile * 16 + (lane % 16), col = kk * 16 + (lane / 16) * 8;
-          ldmatrix_x4(a_hi, mean_hi + row * kPitch + col);
-          if (split) ldmatrix_x4(a_lo, mean_lo + row * kPitch + col);
-#pragma unroll
-          for (int n_tile = 0; n_tile < 4; ++n_tile) {
-            mma_16x8x16<Element>(acc[n_tile], a_hi, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
-            if (split) mma_16x8x16<Element>(acc[n_tile], a_lo, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
-          }
-        }
-        const float anchor_top = mean_anchor[m_tile * 16 + g];
-        const float anchor_bottom = mean_anchor[m_tile * 16 + g + 8];
-#pragma unroll
-        for (int n_tile = 0; n_tile < 4; ++n_tile) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const bool vote = (anchor_top - scale * acc[n_tile][e] < theta) ||
-                              (anchor_bottom - scale * acc[n_tile][2 + e] < theta);
-            votes |= uint32_t(vote) << (n_tile * 2 + e);
-          }
-        }
-      }
-      // Union over the rows (query blocks) held by the 8 lanes that share t.
+    // Finish one (head, group) segment: union over the rows held by the 8 lanes sharing
+    // t, then one ballot gives the tile's word (lane l reports key l, which lives in
+    // lane (l % 8) / 2 at bit (l / 8) * 2 + l % 2).
+    auto write_word = [&](uint32_t votes, int h) {
       votes |= __shfl_xor_sync(~0u, votes, 4);
       votes |= __shfl_xor_sync(~0u, votes, 8);
       votes |= __shfl_xor_sync(~0u, votes, 16);
-      // Lane l reports key l: it lives in lane (l % 8) / 2 at bit (l / 8) * 2 + l % 2.
       const uint32_t source = __shfl_sync(~0u, votes, (lane % 8) / 2);
       const uint32_t word = __ballot_sync(~0u, (source >> ((lane / 8) * 2 + (lane & 1))) & 1u);
-      if (lane == 0) words_of(h)[w0 + tile] = word;
+      if (lane == 0 && h < heads) words_of(h)[w0 + tile] = word;
+    };
+    const int tiles_per_segment = layout.rows_per_head / 16;  // 0: two segments per m-tile
+    uint32_t segment_votes = 0;
+    for (int m_tile = 0; m_tile < layout.mean_rows() / 16; ++m_tile) {
+      float acc[4][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        uint32_t a_hi[4], a_lo[4];
+        const int row = m_tile * 16 + (lane % 16), col = kk * 16 + (lane / 16) * 8;
+        ldmatrix_x4(a_hi, mean_hi + row * kPitch + col);
+        if (split) ldmatrix_x4(a_lo, mean_lo + row * kPitch + col);
+#pragma unroll
+        for (int n_tile = 0; n_tile < 4; ++n_tile) {
+          mma_16x8x16<Element>(acc[n_tile], a_hi, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
+          if (split) mma_16x8x16<Element>(acc[n_tile], a_lo, b_frag[kk][n_tile][0], b_frag[kk][n_tile][1]);
+        }
+      }
+      // This lane's rows: g (top) and g + 8 (bottom) of the m-tile, each with its head's threshold.
+      const int top = m_tile * 16 + g, bottom = top + 8;
+      const float anchor_top = mean_anchor[top], anchor_bottom = mean_anchor[bottom];
+      const float theta_top = theta_of(top / layout.rows_per_head);
+      const float theta_bottom = theta_of(bottom / layout.rows_per_head);
+      // Vote bits of this lane: bit (n_tile * 2 + e) <-> key n_tile * 8 + 2t + e.
+      uint32_t votes_top = 0, votes_bottom = 0;
+#pragma unroll
+      for (int n_tile = 0; n_tile < 4; ++n_tile) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          votes_top |= uint32_t(anchor_top - scale * acc[n_tile][e] < theta_top) << (n_tile * 2 + e);
+          votes_bottom |= uint32_t(anchor_bottom - scale * acc[n_tile][2 + e] < theta_bottom) << (n_tile * 2 + e);
+        }
+      }
+      if (tiles_per_segment == 0) {  // 8-row segments: the m-tile's halves are two heads
+        write_word(votes_top, 2 * m_tile);
+        write_word(votes_bottom, 2 * m_tile + 1);
+      } else {
+        segment_votes |= votes_top | votes_bottom;
+        if ((m_tile + 1) % tiles_per_segment == 0) {
+          write_word(segment_votes, m_tile / tiles_per_segment);
+          segment_votes = 0;
+        }
+      }
     }
     __syncwarp();  // the stage is refilled next iteration
   }
@@ -236,8 +260,7 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
 template <typename Element, int kHeadDim>
 void launch_identify(const IdentifyParams& p, cudaStream_t stream) {
   IdentifyParams params = p;
-  const int units_per_group = int(p.geo.group_rows() / p.vote_rows);
-  const int rows_per_head = ((units_per_group + 15) / 16) * 16;
+  const int rows_per_head = segment_rows(int(p.geo.group_rows() / p.vote_rows));
   // Up to 128 mean rows per CTA (q heads of one kv head together: each K tile is
   // read once for all of them), <= ~140 KB of smem; but one head per CTA when
   // packing would leave SMs idle (short sequences, few groups).
