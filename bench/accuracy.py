@@ -194,6 +194,26 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(results: dict, settings) -> str:
+    """Markdown: per family and length, the 128-row block oracle at 0.95 / 0.99 and, for each
+    of ``settings``, density, mean recall, p1 (and the speedup over cuDNN where timed)."""
+    head = "| family | N | 128-row oracle .95 / .99 |" + "".join(f" {s} |" for s in settings)
+    lines = [head, "|" + "---|" * (3 + len(settings)),
+             ]
+    for run in results["runs"]:
+        oracle = run["oracle"]["128"]
+        cells = [run["family"], f"{run['n'] // 1024}k", f"{oracle['0.95']:.3f} / {oracle['0.99']:.3f}"]
+        for name in settings:
+            row = run["settings"].get(name)
+            if row is None:
+                cells.append("")
+                continue
+            speed = f", {row['speedup']:.2f}x" if "speedup" in row else ""
+            cells.append(f"{row['density']:.3f} @ {row['recall_mean']:.3f} (p1 {row['recall_p01']:.2f}){speed}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -209,7 +229,17 @@ def main(argv=None):
     parser.add_argument("--oracle-blocks", type=int, default=8, help="blocks per head for the oracles")
     parser.add_argument("--out", default="bench/results/accuracy.json")
     parser.add_argument("--commit", default="unknown", help="commit recorded in the JSON")
+    parser.add_argument("--table", metavar="JSON", help="print the markdown table of a result file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        import json
+
+        with open(args.table) as f:
+            results = json.load(f)
+        names = [s for s in args.settings.split(",") if s] if "--settings" in (argv or __import__("sys").argv) \
+            else list(results["runs"][0]["settings"])
+        print(table(results, names))
+        return
     args.settings = [s for s in args.settings.split(",") if s]
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
