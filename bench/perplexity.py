@@ -25,6 +25,19 @@ from bench.prefill import run_header, write_json
 DEFAULT_SETTINGS = ("theta=12,recall=0.95 step=1 vote=16,recall=0.99 step=1 vote=16")
 
 
+def table(results: dict) -> str:
+    """Markdown rows: text, dense perplexity, setting, sparse perplexity, pairs skipped,
+    mean recall, and the worst head's mean / 1st-percentile recall."""
+    lines = ["| text | dense | setting | sparse | skipped | recall | worst head mean / p1 |",
+             "|---|---|---|---|---|---|---|"]
+    for text, entry in results["texts"].items():
+        for name, s in entry["settings"].items():
+            lines.append(f"| {text} | {entry['dense']:.3f} | {name} | {s['perplexity']:.3f} "
+                         f"({s['ratio'] - 1:+.1%}) | {s['skipped']:.2f} | {s['recall_mean']:.4f} | "
+                         f"{s['worst_head_mean']:.3f} / {s['worst_head_p01']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -35,7 +48,14 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=8, help="query blocks per head for recall")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--out", default="bench/results/perplexity_cpu_8k.json")
+    parser.add_argument("--table", metavar="JSON", help="print the markdown table of a result file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        import json
+
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return
     settings = [s for s in args.settings.split(",") if s]
     for name in settings:
         if name not in SETTINGS:

@@ -11,12 +11,11 @@
 // multiplied (hi·k + lo·k), so a vote differs from the fp32 reference only
 // within ~1e-5 of theta. Single-row units are exact in 16 bits: no lo part.
 //
-// Work split: one CTA per (batch, up to heads_per_cta q heads sharing one kv head,
-// a run of groups_per_cta consecutive groups), 4 warps; each warp walks 32-key
-// tiles of the run's longest middle region (double-buffered cp.async into its own
-// smem buffer) and scores every tile against the unit means of all the CTA's
-// (group, q head) segments, so K is read once per kv head and run of groups. Every
-// bitmask word is written by exactly one warp.
+// Work split: one CTA per (group, batch, up to heads_per_cta q heads sharing one
+// kv head), 4 warps; each warp walks 32-key tiles of the middle region
+// (double-buffered cp.async into its own smem buffer) and scores every tile
+// against the block means of all the CTA's q heads, so K is read once per kv
+// head and group. Every bitmask word is written by exactly one warp.
 #include <algorithm>
 
 #include "params.h"
@@ -60,19 +59,18 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 template <typename Element, int kHeadDim>
 struct IdentifySmem {
   static constexpr int kPitch = kHeadDim + 8;  // elements per smem row
-  int rows_per_segment;                        // 8 units, or units rounded up to 16
-  int segments;                                // (group, q head) pairs of the CTA
-  bool split;                                  // hi + lo tiles (block means), else hi only
-  // Whole m16 tiles: an odd count of 8-row segments leaves 8 padding rows.
-  __device__ __host__ int mean_rows() const { return (rows_per_segment * segments + 15) / 16 * 16; }
+  int rows_per_head;                           // segment rows: 8 units, or units rounded up to 16
+  int heads;                                   // q heads per CTA
+  // Whole m16 tiles: an odd head count of 8-row segments leaves 8 padding rows.
+  __device__ __host__ int mean_rows() const { return (rows_per_head * heads + 15) / 16 * 16; }
   __device__ __host__ size_t mean_bytes() const { return size_t(mean_rows()) * kPitch * sizeof(Element); }
   __device__ __host__ size_t key_tile_bytes() const { return size_t(kTileKeys) * kPitch * sizeof(Element); }
   __device__ __host__ size_t total_bytes() const {
-    return (split ? 2 : 1) * mean_bytes() + mean_rows() * sizeof(float) + kWarps * kStages * key_tile_bytes();
+    return 2 * mean_bytes() + mean_rows() * sizeof(float) + kWarps * kStages * key_tile_bytes();
   }
 };
 
-// Mean-tile rows of one (group, head) segment: 8 units fill half an m16 tile (two segments share
+// Mean-tile rows of one (head, group): 8 units fill half an m16 tile (two heads share
 // a tile, unpadded: the vote union of each half is its own), others round up to 16.
 __host__ __device__ inline int segment_rows(int units) { return units == 8 ? 8 : (units + 15) / 16 * 16; }
 
@@ -87,60 +85,46 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
   const int kv_head = blockIdx.x / chunks_per_kv;
   const int first_head = kv_head * q_heads_per_kv + (blockIdx.x % chunks_per_kv) * p.heads_per_cta;
   const int heads = min(p.heads_per_cta, (kv_head + 1) * q_heads_per_kv - first_head);
-  // The CTA's groups: a run of groups_per_cta consecutive groups (the longest runs
-  // first), which share every K tile the CTA loads.
-  const int group_runs = int((p.num_groups + p.groups_per_cta - 1) / p.groups_per_cta);
-  const int first_group = (group_runs - 1 - int(blockIdx.y)) * p.groups_per_cta;
-  const int groups = min(p.groups_per_cta, int(p.num_groups) - first_group);
+  const int group = int(p.num_groups) - 1 - int(blockIdx.y);  // long groups first
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  // Segment s of the mean tile is q head s % heads of group first_group + s / heads.
-  auto words_of = [&](int s) {
-    const int64_t head = first_head + s % heads, group = first_group + s / heads;
-    return p.selection + ((int64_t(batch) * p.q_heads + head) * p.num_groups + group) * p.num_words;
+  auto words_of = [&](int h) {
+    return p.selection + ((int64_t(batch) * p.q_heads + first_head + h) * p.num_groups + group) * p.num_words;
   };
-  // block_size is 128, so middle regions start and end on word boundaries.
-  const int64_t m0 = geo.sink_end(), w0 = m0 / 32;
-  auto middle_words_end = [&](int s) {
-    const int64_t m1 = geo.middle_end(first_group + s / heads);
-    return m1 > m0 ? m1 / 32 : w0;
-  };
-  for (int s = 0; s < heads * groups; ++s) {
-    uint32_t* words = words_of(s);
-    const int64_t w1 = middle_words_end(s);
+  const int64_t m0 = geo.sink_end(), m1 = geo.middle_end(group);
+  // block_size is 128, so the middle region starts and ends on word boundaries.
+  const int64_t w0 = m0 / 32, w1 = m1 > m0 ? m1 / 32 : w0;
+  for (int h = 0; h < heads; ++h) {
+    uint32_t* words = words_of(h);
     for (int64_t w = threadIdx.x; w < p.num_words; w += kThreads) {
       if (w < w0 || w >= w1) words[w] = 0u;
     }
   }
-  const int64_t m1 = geo.middle_end(first_group + groups - 1);  // the run's longest middle
   if (m1 <= m0) return;
 
-  // Block means keep fp32 accuracy (hi + lo); smaller units use their mean rounded to
-  // the input dtype, as the reference defines them (half the tensor-core work).
-  const bool split = p.vote_rows == geo.block_size;
   extern __shared__ __align__(128) char smem_raw[];
-  Smem layout{segment_rows(int(geo.group_rows() / p.vote_rows)), heads * groups, split};
+  Smem layout{segment_rows(int(geo.group_rows() / p.vote_rows)), heads};
   auto* mean_hi = reinterpret_cast<Element*>(smem_raw);
-  auto* mean_lo = reinterpret_cast<Element*>(smem_raw + layout.mean_bytes());  // used when split
-  char* after_means = smem_raw + (split ? 2 : 1) * layout.mean_bytes();
-  auto* mean_anchor = reinterpret_cast<float*>(after_means);
-  auto* key_tiles = reinterpret_cast<Element*>(after_means + layout.mean_rows() * sizeof(float));
+  auto* mean_lo = reinterpret_cast<Element*>(smem_raw + layout.mean_bytes());
+  auto* mean_anchor = reinterpret_cast<float*>(smem_raw + 2 * layout.mean_bytes());
+  auto* key_tiles = reinterpret_cast<Element*>(smem_raw + 2 * layout.mean_bytes() +
+                                               layout.mean_rows() * sizeof(float));
 
-  // ---- mean queries and anchors of the vote units (fp32), split hi + lo ----
-  // Row r of the mean tile is vote unit (r % rows_per_segment) of segment r / rows_per_segment.
+  // ---- mean queries and anchors of the group's vote units (fp32), split hi + lo ----
+  // Row r of the mean tile is vote unit (r % rows_per_head) of head r / rows_per_head.
   const int units_per_group = int(geo.group_rows() / p.vote_rows);
+  const int64_t first_row = geo.group_start(group);
   constexpr int kPerLane = kHeadDim / 32;
   for (int r = warp; r < layout.mean_rows(); r += kWarps) {
-    const int segment = r / layout.rows_per_segment, unit = r % layout.rows_per_segment;
-    const int head = first_head + segment % heads;
+    const int head = first_head + r / layout.rows_per_head, unit = r % layout.rows_per_head;
     const auto* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
     const float* anchor = p.anchor + (int64_t(batch) * p.q_heads + head) * p.seqlen;
-    const int64_t row0 = geo.group_start(first_group + segment / heads) + int64_t(unit) * p.vote_rows;
+    const int64_t row0 = first_row + int64_t(unit) * p.vote_rows;
     float sum[kPerLane] = {};
     float anchor_sum = 0.f;
     int64_t count = 0;
-    if (segment < layout.segments && unit < units_per_group && row0 < p.seqlen) {
+    if (r / layout.rows_per_head < heads && unit < units_per_group && row0 < p.seqlen) {
       const int64_t row1 = min(int64_t(p.seqlen), row0 + p.vote_rows);
       count = row1 - row0;
       for (int64_t row = row0; row < row1; ++row) {
@@ -157,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
       const float mean = count > 0 ? sum[i] / float(count) : 0.f;
       const Element hi = Num::from_float(mean);
       mean_hi[r * kPitch + lane * kPerLane + i] = hi;
-      if (split) mean_lo[r * kPitch + lane * kPerLane + i] = Num::from_float(mean - Num::to_float(hi));
+      mean_lo[r * kPitch + lane * kPerLane + i] = Num::from_float(mean - Num::to_float(hi));
     }
     // Padding rows get +inf: (inf - score < theta) is false, so they never vote.
     if (lane == 0) mean_anchor[r] = count > 0 ? anchor_sum / float(count) : INFINITY;
@@ -181,10 +165,12 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
 
   const int64_t num_tiles = (m1 - m0) / kTileKeys;
   const float scale = geo.sm_scale;
-  auto theta_of = [&](int s) {
-    return p.head_theta != nullptr && s < layout.segments
-               ? p.head_theta[int64_t(batch) * p.q_heads + first_head + s % heads]
-               : p.theta;
+  // Block means keep fp32 accuracy (hi + lo); smaller units use their mean rounded to
+  // the input dtype, as the reference defines them (half the tensor-core work).
+  const bool split = p.vote_rows == geo.block_size;
+  auto theta_of = [&](int h) {
+    return p.head_theta != nullptr && h < heads ? p.head_theta[int64_t(batch) * p.q_heads + first_head + h]
+                                                : p.theta;
   };
   const int g = lane / 4;  // mma row group of this lane
   int stage = 0;
@@ -216,16 +202,15 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
     // Finish one (head, group) segment: union over the rows held by the 8 lanes sharing
     // t, then one ballot gives the tile's word (lane l reports key l, which lives in
     // lane (l % 8) / 2 at bit (l / 8) * 2 + l % 2).
-    auto write_word = [&](uint32_t votes, int s) {
+    auto write_word = [&](uint32_t votes, int h) {
       votes |= __shfl_xor_sync(~0u, votes, 4);
       votes |= __shfl_xor_sync(~0u, votes, 8);
       votes |= __shfl_xor_sync(~0u, votes, 16);
       const uint32_t source = __shfl_sync(~0u, votes, (lane % 8) / 2);
       const uint32_t word = __ballot_sync(~0u, (source >> ((lane / 8) * 2 + (lane & 1))) & 1u);
-      // Tiles past a shorter group's middle region are not its words (zeroed above).
-      if (lane == 0 && s < layout.segments && w0 + tile < middle_words_end(s)) words_of(s)[w0 + tile] = word;
+      if (lane == 0 && h < heads) words_of(h)[w0 + tile] = word;
     };
-    const int tiles_per_segment = layout.rows_per_segment / 16;  // 0: two segments per m-tile
+    const int tiles_per_segment = layout.rows_per_head / 16;  // 0: two segments per m-tile
     uint32_t segment_votes = 0;
     for (int m_tile = 0; m_tile < layout.mean_rows() / 16; ++m_tile) {
       float acc[4][4] = {};
@@ -244,8 +229,8 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
       // This lane's rows: g (top) and g + 8 (bottom) of the m-tile, each with its head's threshold.
       const int top = m_tile * 16 + g, bottom = top + 8;
       const float anchor_top = mean_anchor[top], anchor_bottom = mean_anchor[bottom];
-      const float theta_top = theta_of(top / layout.rows_per_segment);
-      const float theta_bottom = theta_of(bottom / layout.rows_per_segment);
+      const float theta_top = theta_of(top / layout.rows_per_head);
+      const float theta_bottom = theta_of(bottom / layout.rows_per_head);
       // Vote bits of this lane: bit (n_tile * 2 + e) <-> key n_tile * 8 + 2t + e.
       uint32_t votes_top = 0, votes_bottom = 0;
 #pragma unroll
@@ -256,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
           votes_bottom |= uint32_t(anchor_bottom - scale * acc[n_tile][2 + e] < theta_bottom) << (n_tile * 2 + e);
         }
       }
-      if (tiles_per_segment == 0) {  // 8-row segments: the m-tile's halves are two segments
+      if (tiles_per_segment == 0) {  // 8-row segments: the m-tile's halves are two heads
         write_word(votes_top, 2 * m_tile);
         write_word(votes_bottom, 2 * m_tile + 1);
       } else {
@@ -275,34 +260,24 @@ __global__ void __launch_bounds__(kThreads) identify_kernel(const IdentifyParams
 template <typename Element, int kHeadDim>
 void launch_identify(const IdentifyParams& p, cudaStream_t stream) {
   IdentifyParams params = p;
-  const int rows_per_segment = segment_rows(int(p.geo.group_rows() / p.vote_rows));
-  const bool split = p.vote_rows == p.geo.block_size;
-  // Up to 128 mean rows per CTA: first the q heads of one kv head, then runs of
-  // consecutive groups, so each K tile is read once for all of them (<= ~140 KB of
-  // smem). But one head and one group per CTA when packing would leave SMs idle.
+  const int rows_per_head = segment_rows(int(p.geo.group_rows() / p.vote_rows));
+  // Up to 128 mean rows per CTA (q heads of one kv head together: each K tile is
+  // read once for all of them), <= ~140 KB of smem; but one head per CTA when
+  // packing would leave SMs idle (short sequences, few groups).
+  params.heads_per_cta = std::max(1, std::min(p.q_heads_per_kv(), 128 / rows_per_head));
   static const int num_sms = [] {
     int device = 0, count = 0;
     ANCHOR_CUDA_CHECK(cudaGetDevice(&device));
     ANCHOR_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
     return count;
   }();
-  params.heads_per_cta = std::max(1, std::min(p.q_heads_per_kv(), 128 / rows_per_segment));
   if (int64_t(p.kv_heads) * p.num_groups * p.batch < 2 * num_sms) params.heads_per_cta = 1;
-  const int chunks_per_kv = (p.q_heads_per_kv() + params.heads_per_cta - 1) / params.heads_per_cta;
-  auto ctas = [&](int64_t groups_per_cta) {
-    return int64_t(p.kv_heads) * chunks_per_kv * p.batch * ((p.num_groups + groups_per_cta - 1) / groups_per_cta);
-  };
-  params.groups_per_cta = 1;
-  while (2 * params.groups_per_cta * params.heads_per_cta * rows_per_segment <= 128 &&
-         ctas(2 * params.groups_per_cta) >= 2 * num_sms) {
-    params.groups_per_cta *= 2;
-  }
-  IdentifySmem<Element, kHeadDim> layout{rows_per_segment, params.heads_per_cta * params.groups_per_cta, split};
+  IdentifySmem<Element, kHeadDim> layout{rows_per_head, params.heads_per_cta};
   const size_t smem = layout.total_bytes();
   auto kernel = identify_kernel<Element, kHeadDim>;
   ANCHOR_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t group_runs = (p.num_groups + params.groups_per_cta - 1) / params.groups_per_cta;
-  const dim3 grid(unsigned(p.kv_heads * chunks_per_kv), unsigned(group_runs), p.batch);
+  const int chunks_per_kv = (p.q_heads_per_kv() + params.heads_per_cta - 1) / params.heads_per_cta;
+  const dim3 grid(unsigned(p.kv_heads * chunks_per_kv), unsigned(p.num_groups), p.batch);
   kernel<<<grid, kThreads, smem, stream>>>(params);
   ANCHOR_CUDA_CHECK(cudaGetLastError());
 }

@@ -59,8 +59,7 @@ struct IdentifyParams : QKVParams {
   float theta = 12.f;
   const float* head_theta = nullptr;  // (B, Hq) contiguous: replaces theta per head when set
   int vote_rows = 128;                // rows per vote unit (divides block_size)
-  int heads_per_cta = 1;   // q heads of one kv head handled together (each K tile read once for all)
-  int groups_per_cta = 1;  // consecutive groups handled together (likewise)
+  int heads_per_cta = 1;  // q heads of one kv head handled together (each K tile read once for all)
 };
 
 void run_identify(const IdentifyParams& params, cudaStream_t stream);
