@@ -23,8 +23,9 @@ being captured or ``torch.compile`` traces, no number can be read, so step 2 is
 skipped and the bound alone decides (sparse when it is below ``NO_PROBE_SPARSE_IF_BELOW``).
 ``path="sparse"`` or ``path="dense"`` overrides the rule. When the rule picks dense, a
 :class:`DensePathWarning` says so (once per process and reason) and ``return_stats``
-reports ``path`` and ``reason``. On the CPU the rule is not
-applied: the CPU path is for testing and portability, and always runs sparse.
+reports ``path`` and ``reason``. On the CPU the rule is a length alone
+(:func:`decide_cpu`, measured by ``bench/cpu_auto.py``): dense below
+``CPU_SPARSE_FROM_TOKENS``, sparse from there.
 
 The constants are measured on an H100 at the standard shape (``bench/results/``,
 ``bench/README.md``): cuDNN computes causal pairs about 2.4x faster than stage 3, and
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 
 from .reference import SparseConfig, middle_range, region_pair_counts
 
-__all__ = ["PathChoice", "DensePathWarning", "decide", "choose_path", "choose_path_from_selection",
+__all__ = ["PathChoice", "DensePathWarning", "decide", "decide_cpu", "choose_path",
+           "choose_path_from_selection",
            "predicted_cost",
            "dense_prefill", "selected_fraction", "warn_dense_once"]
 
@@ -49,6 +51,9 @@ PROBE_TOKENS = (4096, 8192)     # the probe's prefix: N/8 clamped to this range
 MIN_PROBE_GAIN = 0.2            # probe only when >= 20% of dense time could be saved
 SPARSE_IF_BELOW = 0.9           # predicted sparse/dense cost under which sparse is chosen
 NO_PROBE_SPARSE_IF_BELOW = 0.5  # the bound's limit when no probe can run
+# CPU: the sparse path beats dense SDPA from about 9k tokens (bench/results/cpu_auto.json:
+# dense/sparse time 0.90 at 8k, 1.98 at 16k on realistic inputs, 2 threads).
+CPU_SPARSE_FROM_TOKENS = 12288
 
 
 class PathChoice(dict):
@@ -145,14 +150,22 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, theta: float, cfg: SparseConfi
     return decide(n, cfg, fraction)
 
 
+def decide_cpu(n: int) -> PathChoice:
+    """``path="auto"`` on the CPU: dense SDPA below ``CPU_SPARSE_FROM_TOKENS`` tokens."""
+    if n < CPU_SPARSE_FROM_TOKENS:
+        return PathChoice(path="dense", reason="CPU: input too short for sparse to win",
+                          predicted_cost=None, probe_fraction=None)
+    return PathChoice(path="sparse", reason="CPU: long enough for sparse to win",
+                      predicted_cost=None, probe_fraction=None)
+
+
 def choose_path_from_selection(q: torch.Tensor, selection: torch.Tensor, cfg: SparseConfig) -> PathChoice:
     """``path="auto"`` for a selection already made (the recall mode): :func:`decide` with
     the selection's own middle-region fraction. On the CPU, and while nothing can be read
     back (graph capture, compile), the selection runs sparse."""
     n = q.shape[2]
     if not q.is_cuda:
-        return PathChoice(path="sparse", reason="CPU: the rule applies on CUDA only",
-                          predicted_cost=None, probe_fraction=None)
+        return decide_cpu(n)
     if not _host_reads_allowed(q):
         return PathChoice(path="sparse", reason="no host read (graph capture or compile)",
                           predicted_cost=None, probe_fraction=None)
@@ -179,9 +192,10 @@ def warn_dense_once(choice: PathChoice) -> None:
     _warned.add(reason)
     import warnings
 
-    warnings.warn(f"anchor_ext.prefill(path='auto') runs dense attention (cuDNN SDPA): {reason} "
-                  f"(predicted sparse/dense cost {choice['predicted_cost']:.2f}); pass "
-                  "path='sparse' to force the sparse kernels", DensePathWarning, stacklevel=3)
+    cost = choice.get("predicted_cost")
+    predicted = f" (predicted sparse/dense cost {cost:.2f})" if cost is not None else ""
+    warnings.warn(f"anchor_ext.prefill(path='auto') runs dense attention (SDPA): {reason}{predicted}; "
+                  "pass path='sparse' to force the sparse kernels", DensePathWarning, stacklevel=3)
 
 
 def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

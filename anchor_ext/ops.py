@@ -91,7 +91,8 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
             sparse path is predicted to be slower: short inputs, or a selection too full
             to pay off (the rule and its measured constants: :mod:`anchor_ext.dispatch`).
             ``"sparse"``: always the three sparse stages. ``"dense"``: always dense.
-            On the CPU, ``"auto"`` means ``"sparse"``.
+            On the CPU, ``"auto"`` is dense below ``dispatch.CPU_SPARSE_FROM_TOKENS``
+            tokens (measured: ``bench/cpu_auto.py``), sparse from there.
         return_stats: also return a dict with the path taken (``path``, ``reason``) and,
             on the sparse path, the selection and the fraction of causal pairs skipped
             (``sparsity``; 0 on the dense path). The sparse stages then run one by one so
@@ -144,7 +145,7 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
         if q.is_cuda:
             choice = dispatch.choose_path(q, k, theta, cfg, options.get("sm_scale"))
         else:
-            choice = {"path": "sparse", "reason": "CPU: the rule applies on CUDA only"}
+            choice = dispatch.decide_cpu(q.shape[2])
     if choice["path"] == "dense":
         if path == "auto":
             if checks:
@@ -188,6 +189,11 @@ def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
     if path == "dense":
         out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
         return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
+    if path == "auto" and not q.is_cuda and dispatch.decide_cpu(q.shape[2])["path"] == "dense":
+        choice = dispatch.decide_cpu(q.shape[2])
+        dispatch.warn_dense_once(choice)
+        out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
+        return (out, {**choice, "sparsity": 0.0}) if return_stats else out
     anchors = anchor(q, k, **geometry)
     head_theta = recall_mode.calibrate_theta(
         q, k, anchors, recall=float(recall), cfg=cfg, vote_rows=vote_rows,

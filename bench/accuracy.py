@@ -30,7 +30,7 @@ import torch
 import anchor_ext
 from anchor_ext import families, metrics
 from anchor_ext.reference import SparseConfig, computed_mask
-from bench.prefill import run_header, write_json
+from bench.prefill import cuda_time_ms, run_header, write_json
 
 TARGETS = (0.90, 0.95, 0.99)
 RECALLS = (*TARGETS, 0.995, 0.999)  # recall targets the settings use
@@ -84,18 +84,8 @@ def quality(q, k, selection, cfg: SparseConfig, sm_scale, starts) -> dict:
 
 
 def time_ms(fn, repeats: int = 5) -> float:
-    """Median CUDA-event time of ``fn()`` in ms, after a warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median CUDA-event time of ``fn()`` in ms, after one warm-up call."""
+    return cuda_time_ms(fn, warmup=1, repeats=repeats)
 
 
 def recall_stage_ms(q, k, v, options: dict, cfg: SparseConfig, sm_scale, head_theta) -> dict:

@@ -61,9 +61,19 @@ def test_rule_goes_dense_for_short_inputs_and_full_selections():
     assert dispatch.decide(8192, cfg, can_probe=False)["path"] == "dense"
 
 
-def test_cpu_auto_is_sparse_and_dense_path_is_exact():
+def test_cpu_auto_follows_the_length_rule_and_dense_path_is_exact(monkeypatch):
+    from anchor_ext import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())  # warned once per process: reset
     q, k, v = make_inputs(1, 4, 2, 300, 32, seed=1)
-    out, stats = anchor_ext.prefill(q, k, v, theta=3.0, return_stats=True, step=2, block_size=64)
+    with pytest.warns(dispatch.DensePathWarning, match="CPU: input too short"):
+        out, stats = anchor_ext.prefill(q, k, v, theta=3.0, return_stats=True, step=2, block_size=64)
+    assert stats["path"] == "dense" and stats["sparsity"] == 0.0
+    torch.testing.assert_close(out, ref.dense_attention(q, k, v)[0], rtol=2e-5, atol=2e-5)
+    assert dispatch.decide_cpu(dispatch.CPU_SPARSE_FROM_TOKENS - 1)["path"] == "dense"
+    assert dispatch.decide_cpu(dispatch.CPU_SPARSE_FROM_TOKENS)["path"] == "sparse"
+    out, stats = anchor_ext.prefill(q, k, v, theta=3.0, return_stats=True, step=2, block_size=64,
+                                    path="sparse")
     assert stats["path"] == "sparse" and 0 < stats["sparsity"] < 1
     torch.testing.assert_close(out, ref.prefill(q, k, v, theta=3.0, step=2, block_size=64))
     out, stats = anchor_ext.prefill(q, k, v, path="dense", return_stats=True)

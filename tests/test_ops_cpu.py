@@ -41,7 +41,7 @@ def test_theta_sweep_small_geometry(theta):
     run_and_compare(q, k, v, theta, geometry)
     if theta >= 1e9:
         # every middle key selected: the result is dense attention
-        out = anchor_ext.prefill(q, k, v, theta=theta, **geometry)
+        out = anchor_ext.prefill(q, k, v, theta=theta, path="sparse", **geometry)
         dense, _ = ref.dense_attention(q, k, v)
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
@@ -86,8 +86,8 @@ def test_stage3_ignores_bits_outside_the_middle_region():
 
 def test_requires_grad_inputs_compute_and_backward_raises():
     q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 1, 64, 64))
-    out = anchor_ext.prefill(q, k, v)
-    expected = anchor_ext.prefill(q.detach(), k.detach(), v.detach())
+    out = anchor_ext.prefill(q, k, v, path="sparse")
+    expected = anchor_ext.prefill(q.detach(), k.detach(), v.detach(), path="sparse")
     torch.testing.assert_close(out.detach(), expected)
     with pytest.raises(NotImplementedError, match="no backward"):
         out.sum().backward()

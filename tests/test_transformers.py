@@ -16,7 +16,7 @@ import anchor_ext  # noqa: E402
 from anchor_ext.integrations import transformers as anchor_hf  # noqa: E402
 
 # CPU geometry small enough that a few hundred tokens have middle regions (stripes).
-SMALL = dict(block_size=32, step=2)
+SMALL = dict(block_size=32, step=2, path="sparse")  # CPU auto would run these short inputs dense
 
 
 def tiny_llama(seed=0):
