@@ -29,6 +29,7 @@ per-head thresholds.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,8 +43,15 @@ __all__ = ["THETA_GRID", "probe_plan", "calibrate_theta"]
 THETA_GRID = torch.arange(-8.0, 40.0 + 1e-6, 0.25)
 
 
+@functools.lru_cache(maxsize=8)
+def _grid_on(device) -> torch.Tensor:
+    return THETA_GRID.to(device)
+
+
+@functools.lru_cache(maxsize=64)
 def probe_plan(n: int, cfg: SparseConfig, probe_groups: int, probe_rows: int, device):
-    """The probe's groups and rows: ``(groups (P,), rows (P, R))`` long tensors.
+    """The probe's groups and rows: ``(groups (P,), rows (P, R))`` long tensors on ``device``.
+    Cached, so a CUDA graph capture after a warm-up call copies nothing to the device.
 
     Groups: ``probe_groups`` of those with a middle region, evenly spaced, the last one
     included. Rows: ``probe_rows`` per group, the group's first row then evenly spaced
@@ -92,7 +100,7 @@ def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_row
     if groups.numel() == 0:
         return theta  # no middle region anywhere: every key is always computed
     num_probe, per_group = rows.shape
-    grid = THETA_GRID.to(q.device)
+    grid = _grid_on(q.device)
     edges = grid.numel()
     keys = torch.arange(n, device=q.device)
     causal = keys[None, :] <= rows.flatten()[:, None]                              # (P*R, N)

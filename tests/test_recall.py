@@ -198,3 +198,30 @@ def test_recall_options_are_checked():
         anchor_ext.prefill(q, k, v, recall=0.9, eps=0.1)
     with pytest.raises(ValueError, match="recall: supported with method='anchor' only"):
         anchor_ext.prefill(q, k, v, recall=0.9, method="skeleton", rope_base=1e4)
+
+
+def test_recall_mode_traces_under_torch_compile():
+    """Probe, calibration and identify with per-head thresholds are tensor code and ops
+    with fake impls: fullgraph compile works and gives the eager result."""
+    q, k, v = make_inputs(1, 4, 2, 600, 64, seed=3)
+    options = dict(recall=0.9, path="sparse", block_size=64)
+    compiled = torch.compile(lambda q, k, v: anchor_ext.prefill(q, k, v, **options), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), anchor_ext.prefill(q, k, v, **options), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+def test_recall_mode_is_graph_capturable():
+    q, k, v = make_inputs(1, 4, 2, 3000, 128, torch.bfloat16, device="cuda", seed=5)
+    options = dict(recall=0.95, path="sparse")
+    expected = anchor_ext.prefill(q, k, v, **options)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        anchor_ext.prefill(q, k, v, **options)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = anchor_ext.prefill(q, k, v, **options)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
