@@ -105,7 +105,8 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
             dense softmax mass (:mod:`anchor_ext.recall`); heads that cannot reach it with
             a selection go dense on their own. Takes ``vote_rows`` (rows per vote unit,
             default ``RECALL_DEFAULTS``), ``probe_groups`` (8) and ``probe_rows`` (8);
-            its geometry default is ``step=1`` (one selection per query block).
+            its geometry default is ``step=1`` (one selection per query block);
+            ``theta`` is not used then.
             ``return_stats`` adds ``head_theta``.
         **options: ``block_size`` (128), ``step`` (16), ``init_blocks`` (1),
             ``local_blocks`` (1), ``sm_scale`` (``1/sqrt(D)``).
@@ -189,11 +190,12 @@ def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
     if path == "dense":
         out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
         return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
-    if path == "auto" and not q.is_cuda and dispatch.decide_cpu(q.shape[2])["path"] == "dense":
+    if path == "auto" and not q.is_cuda:  # the CPU rule is a length alone: decide first
         choice = dispatch.decide_cpu(q.shape[2])
-        dispatch.warn_dense_once(choice)
-        out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
-        return (out, {**choice, "sparsity": 0.0}) if return_stats else out
+        if choice["path"] == "dense":
+            dispatch.warn_dense_once(choice)
+            out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
+            return (out, {**choice, "sparsity": 0.0}) if return_stats else out
     anchors = anchor(q, k, **geometry)
     head_theta = recall_mode.calibrate_theta(
         q, k, anchors, recall=float(recall), cfg=cfg, vote_rows=vote_rows,
