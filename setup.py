@@ -11,6 +11,12 @@ only). Environment variables:
 * ``CUTLASS_DIR``: a CUTLASS checkout (its ``include/`` is used); else
   ``third_party/cutlass``; else the ``nvidia-cutlass`` PyPI package.
 * ``MAX_JOBS``: parallel compile jobs for ninja (default: CPU count).
+* ``CUDA_HOME``: the toolkit folder; found like the Makefile does when unset or wrong.
+
+Build with ``pip install --no-build-isolation .``: the extension is compiled against the
+installed torch, which an isolated build environment does not have (the build then stops
+at once and says so). The wheel's version carries that torch (``0.1.0+torch2.14.1.cu130``)
+and its metadata pins it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,44 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _fail(msg: str) -> None:
     sys.exit(f"anchor_ext build error: {msg}")
+
+
+NO_ISOLATION_HINT = (
+    "build against the torch you have installed: `pip install --no-build-isolation .` "
+    "(pip's default build isolation gives the build a fresh environment without your torch, "
+    "and the extension's binary is bound to the torch it is compiled with)")
+
+
+def import_torch():
+    """torch from the build environment, or a failure in the first seconds saying what to run."""
+    try:
+        import torch
+    except ImportError:
+        _fail(f"torch is not importable in the build environment; {NO_ISOLATION_HINT}")
+    return torch
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder holding bin/nvcc and include/cuda_runtime.h, found as the
+    Makefile does: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda, then the folder above the real
+    nvcc on PATH. torch guesses from the nvcc on PATH, which may be a wrapper elsewhere."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def version_tag(torch) -> str:
+    """The wheel's local version: the torch it is bound to and its CUDA (or cpu), e.g.
+    ``torch2.14.1.cu130`` (flash-attn and FlashInfer wheels carry the same)."""
+    base = torch.__version__.split("+")[0]
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return f"torch{base}.{cuda}"
 
 
 def find_cutlass_include() -> str | None:
@@ -64,7 +108,7 @@ def nvidia_include_dirs() -> list[str]:
 
 
 def make_extension():
-    import torch
+    torch = import_torch()
     from torch.utils import cpp_extension
 
     mode = os.environ.get("ANCHOR_EXT_BUILD", "auto").lower()
@@ -120,19 +164,24 @@ def make_extension():
 
 
 def main():
+    cuda_home = find_cuda_home()
+    if cuda_home is not None:  # before torch.utils.cpp_extension reads it at import
+        os.environ["CUDA_HOME"] = cuda_home
+    torch = import_torch()
     from torch.utils.cpp_extension import BuildExtension
 
     if shutil.which("ninja") is None:
         print("anchor_ext: ninja not found, the build will be slow (pip install ninja)")
     setup(
         name="anchor_ext",
-        version="0.1.0",
+        version=f"0.1.0+{version_tag(torch)}",
         description="AnchorAttention sparse prefill kernels for long-context LLMs",
         packages=find_packages(include=["anchor_ext", "anchor_ext.*"]),
         ext_modules=[make_extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
         python_requires=">=3.10",
-        install_requires=["torch>=2.4", "numpy"],
+        # The binary is bound to the torch it was compiled with.
+        install_requires=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
         zip_safe=False,
     )
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _C  # noqa: F401  (registers torch.ops.anchor.*, which the probe runs)
 from .reference import SparseConfig, middle_range, region_pair_counts
 
 __all__ = ["PathChoice", "DensePathWarning", "decide", "decide_cpu", "choose_path",
@@ -132,8 +133,6 @@ def decide(n: int, cfg: SparseConfig, probe_fraction: float | None = None, *,
 def choose_path(q: torch.Tensor, k: torch.Tensor, theta: float, cfg: SparseConfig,
                 sm_scale: float | None) -> PathChoice:
     """The ``path="auto"`` rule for CUDA inputs: :func:`decide`, running the probe if asked."""
-    from . import ops  # the stage ops; imported here because ops imports this module
-
     n = q.shape[2]
     choice = decide(n, cfg, can_probe=_host_reads_allowed(q))
     if choice["path"] != "probe":
@@ -142,8 +141,8 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, theta: float, cfg: SparseConfi
     geometry = dict(block_size=cfg.block_size, step=cfg.step, init_blocks=cfg.init_blocks,
                     local_blocks=cfg.local_blocks, sm_scale=sm_scale)
     q_probe, k_probe = q[:, :, :p], k[:, :, :p]
-    anchors = ops.anchor(q_probe, k_probe, **geometry)
-    selection = ops.identify(q_probe, k_probe, anchors, theta=theta, **geometry)
+    anchors = torch.ops.anchor.anchor(q_probe, k_probe, **geometry)
+    selection = torch.ops.anchor.identify(q_probe, k_probe, anchors, theta=theta, **geometry)
     fraction = float(selected_fraction(selection, p, cfg))  # the one host read
     if fraction != fraction:  # NaN: the prefix had no middle region, the bound decides
         return decide(n, cfg, can_probe=False)
