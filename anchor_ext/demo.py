@@ -92,29 +92,57 @@ def run_size(n, args, device):
                 err_max=error["max"], err_mean=error["mean"])
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return [_positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive token counts such as 8192,32768, got {text!r}") from None
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available() and anchor_ext.built_with_cuda()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--sizes", default="8192,32768,131072" if cuda else "4096,8192,16384",
-                        help="comma-separated sequence lengths")
-    parser.add_argument("--q-heads", type=int, default=32 if cuda else 8)
-    parser.add_argument("--kv-heads", type=int, default=8 if cuda else 2)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--theta", type=float, default=12.0)
-    parser.add_argument("--repeats", type=int, default=5 if cuda else 1)
-    parser.add_argument("--quality-blocks", type=int, default=16,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu",
+                        help="where to run (cuda needs a GPU and a CUDA build)")
+    parser.add_argument("--sizes", type=_sizes, default="8192,32768,131072" if cuda else "4096,8192,16384",
+                        help="comma-separated sequence lengths in tokens")
+    parser.add_argument("--q-heads", type=_positive_int, default=32 if cuda else 8, help="query heads")
+    parser.add_argument("--kv-heads", type=_positive_int, default=8 if cuda else 2,
+                        help="key/value heads (must divide --q-heads: GQA)")
+    parser.add_argument("--head-dim", type=_positive_int, default=128,
+                        help="head dimension (64 or 128 on CUDA)")
+    parser.add_argument("--theta", type=float, default=12.0,
+                        help="identification threshold, natural-log units (larger keeps more keys)")
+    parser.add_argument("--repeats", type=_positive_int, default=5 if cuda else 1,
+                        help="timed calls per path (median on CUDA)")
+    parser.add_argument("--quality-blocks", type=_positive_int, default=16,
                         help="query blocks per (batch, head) sampled for recall and error")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     parser.add_argument("--model", choices=["smollm2"], default=None,
                         help="run a real pretrained model (needs the real-model extras) instead")
-    parser.add_argument("--model-tokens", type=int, default=None,
+    parser.add_argument("--model-tokens", type=_positive_int, default=None,
                         help="window length for --model (default 8192 on a GPU, 2048 on a CPU)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not cuda:
+        parser.error("--device cuda: no CUDA device is available, or this build has no CUDA kernels")
+    if args.q_heads % args.kv_heads:
+        parser.error(f"--kv-heads {args.kv_heads} must divide --q-heads {args.q_heads} (GQA)")
     device = torch.device(args.device)
     if args.model:
         return main_model(args, device)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"anchor_ext demo on {name}: B=1, Hq={args.q_heads}, Hkv={args.kv_heads}, "
@@ -133,7 +161,7 @@ def main(argv=None):
               f"{r['sparsity']:>9.3f} {r['recall']:>7.4f} {r['recall_p01']:>9.4f} "
               f"{r['err_max']:>8.4f} {r['err_mean']:>8.4f}")
     print("sparse = path='sparse'; auto = the default path='auto' (dense where sparse would be "
-          "slower; CPU: always sparse); dense = SDPA on the same tensors (cuDNN on CUDA); errors "
+          "slower; CPU: dense below 12288 tokens); dense = SDPA on the same tensors (cuDNN on CUDA); errors "
           "are row-wise relative L2 vs fp32 dense; recall = dense softmax mass on the computed keys")
     return rows
 
