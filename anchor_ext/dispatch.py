@@ -42,7 +42,7 @@ from . import _C  # noqa: F401  (registers torch.ops.anchor.*, which the probe r
 from .reference import SparseConfig, middle_range, region_pair_counts
 
 __all__ = ["PathChoice", "DensePathWarning", "decide", "decide_cpu", "choose_path",
-           "choose_path_from_selection",
+           "choose_path_from_fraction", "recall_bound",
            "predicted_cost",
            "dense_prefill", "selected_fraction", "warn_dense_once"]
 
@@ -52,6 +52,10 @@ PROBE_TOKENS = (4096, 8192)     # the probe's prefix: N/8 clamped to this range
 MIN_PROBE_GAIN = 0.2            # probe only when >= 20% of dense time could be saved
 SPARSE_IF_BELOW = 0.9           # predicted sparse/dense cost under which sparse is chosen
 NO_PROBE_SPARSE_IF_BELOW = 0.5  # the bound's limit when no probe can run
+# The recall mode's stages 1-2 (anchor, probe, identify at step 1 with 16-row units) cost
+# about as much as dense attention over 21k-27k / N of the triangle (H200,
+# bench/results/accuracy_h200.json stage_ms: 8.5 ms of 13.3 at 32k, 49.5 of 240 at 128k).
+RECALL_STAGE12_TOKENS = 25000.0
 # CPU: the sparse path beats dense SDPA from about 9k tokens (bench/results/cpu_auto.json:
 # dense/sparse time 0.90 at 8k, 1.98 at 16k on realistic inputs, 2 threads).
 CPU_SPARSE_FROM_TOKENS = 12288
@@ -62,13 +66,15 @@ class PathChoice(dict):
     "probe_fraction": float | None}``: what the rule decided and why."""
 
 
-def predicted_cost(n: int, cfg: SparseConfig, middle_fraction: float) -> float:
+def predicted_cost(n: int, cfg: SparseConfig, middle_fraction: float,
+                   stage12_tokens: float = STAGE12_TOKENS) -> float:
     """Predicted sparse-prefill time over dense time for ``n`` tokens when a fraction
-    ``middle_fraction`` of every group's middle region is selected (H100 model above)."""
+    ``middle_fraction`` of every group's middle region is selected (H100 model above;
+    ``stage12_tokens``: the selection's cost in the module docstring's units)."""
     always, middle = region_pair_counts(n, cfg)
     causal = n * (n + 1) / 2
     density = (always + middle_fraction * middle) / causal
-    return DENSE_RATE_RATIO * density + STAGE12_TOKENS / n
+    return DENSE_RATE_RATIO * density + stage12_tokens / n
 
 
 def probe_tokens(n: int, cfg: SparseConfig) -> int:
@@ -108,13 +114,14 @@ def _host_reads_allowed(t: torch.Tensor) -> bool:
 
 
 def decide(n: int, cfg: SparseConfig, probe_fraction: float | None = None, *,
-           can_probe: bool = True) -> PathChoice:
+           can_probe: bool = True, stage12_tokens: float = STAGE12_TOKENS) -> PathChoice:
     """The rule of the module docstring as a pure function of the input length.
 
     Returns ``path="probe"`` when the probe should run; call again with its
-    ``probe_fraction`` for the final answer.
+    ``probe_fraction`` for the final answer. ``stage12_tokens``: the selection's cost
+    (``RECALL_STAGE12_TOKENS`` for the recall mode).
     """
-    bound = predicted_cost(n, cfg, 0.0)
+    bound = predicted_cost(n, cfg, 0.0, stage12_tokens)
     if not can_probe:
         path = "sparse" if bound < NO_PROBE_SPARSE_IF_BELOW else "dense"
         return PathChoice(path=path, reason="no probe (graph capture or compile): bound only",
@@ -125,7 +132,7 @@ def decide(n: int, cfg: SparseConfig, probe_fraction: float | None = None, *,
                               predicted_cost=bound, probe_fraction=None)
         return PathChoice(path="probe", reason="bound leaves room", predicted_cost=bound,
                           probe_fraction=None)
-    cost = predicted_cost(n, cfg, probe_fraction)
+    cost = predicted_cost(n, cfg, probe_fraction, stage12_tokens)
     return PathChoice(path="sparse" if cost < SPARSE_IF_BELOW else "dense", reason="probe",
                       predicted_cost=cost, probe_fraction=probe_fraction)
 
@@ -158,20 +165,24 @@ def decide_cpu(n: int) -> PathChoice:
                       predicted_cost=None, probe_fraction=None)
 
 
-def choose_path_from_selection(q: torch.Tensor, selection: torch.Tensor, cfg: SparseConfig) -> PathChoice:
-    """``path="auto"`` for a selection already made (the recall mode): :func:`decide` with
-    the selection's own middle-region fraction. On the CPU, and while nothing can be read
-    back (graph capture, compile), the selection runs sparse."""
+def recall_bound(q: torch.Tensor, cfg: SparseConfig) -> PathChoice:
+    """``path="auto"`` for the recall mode before any work: on the CPU the length rule, on
+    CUDA dense when even an empty selection would not pay for the recall mode's stages
+    1-2 (``RECALL_STAGE12_TOKENS``); ``path="probe"`` when the probe should decide."""
     n = q.shape[2]
     if not q.is_cuda:
         return decide_cpu(n)
-    if not _host_reads_allowed(q):
-        return PathChoice(path="sparse", reason="no host read (graph capture or compile)",
-                          predicted_cost=None, probe_fraction=None)
-    fraction = float(selected_fraction(selection, n, cfg))  # the one host read
-    if fraction != fraction:  # no middle region anywhere: the bound decides
-        return decide(n, cfg, can_probe=False)
-    return decide(n, cfg, fraction)
+    return decide(n, cfg, can_probe=_host_reads_allowed(q), stage12_tokens=RECALL_STAGE12_TOKENS)
+
+
+def choose_path_from_fraction(n: int, fraction: torch.Tensor, cfg: SparseConfig) -> PathChoice:
+    """``path="auto"`` for the recall mode after its probe: :func:`decide` with the probe's
+    estimate of the selected share of middle-region keys
+    (``anchor_ext.recall.calibrate_theta``), read back once, before identify runs."""
+    estimate = float(fraction)  # the one host read
+    if estimate != estimate:  # no middle region anywhere: the bound decides
+        return decide(n, cfg, can_probe=False, stage12_tokens=RECALL_STAGE12_TOKENS)
+    return decide(n, cfg, estimate, stage12_tokens=RECALL_STAGE12_TOKENS)
 
 
 class DensePathWarning(UserWarning):

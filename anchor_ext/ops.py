@@ -107,7 +107,10 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
             default ``RECALL_DEFAULTS``), ``probe_groups`` (8) and ``probe_rows`` (8);
             its geometry default is ``step=1`` (one selection per query block);
             ``theta`` is not used then.
-            ``return_stats`` adds ``head_theta``.
+            ``return_stats`` adds ``head_theta``. With ``path="auto"`` on CUDA it goes dense
+            when even an empty selection cannot pay for its stages 1-2, else when the
+            probe's density estimate predicts dense faster (read back once, before
+            identify; :func:`anchor_ext.dispatch.recall_bound`).
         **options: ``block_size`` (128), ``step`` (16), ``init_blocks`` (1),
             ``local_blocks`` (1), ``sm_scale`` (``1/sqrt(D)``).
 
@@ -190,30 +193,34 @@ def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
     if path == "dense":
         out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
         return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
-    if path == "auto" and not q.is_cuda:  # the CPU rule is a length alone: decide first
-        choice = dispatch.decide_cpu(q.shape[2])
+    choice = {"path": "sparse", "reason": "requested"}
+    if path == "auto":  # before any work: the CPU length rule, or CUDA's bound
+        choice = dispatch.recall_bound(q, cfg)
         if choice["path"] == "dense":
-            dispatch.warn_dense_once(choice)
-            out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
-            return (out, {**choice, "sparsity": 0.0}) if return_stats else out
+            return _auto_dense(q, k, v, choice, geometry.get("sm_scale"), return_stats)
     anchors = anchor(q, k, **geometry)
-    head_theta = recall_mode.calibrate_theta(
+    head_theta, fraction = recall_mode.calibrate_theta(
         q, k, anchors, recall=float(recall), cfg=cfg, vote_rows=vote_rows,
         probe_groups=options.get("probe_groups", 8), probe_rows=options.get("probe_rows", 8),
-        sm_scale=geometry.get("sm_scale"))
-    selection = identify(q, k, anchors, vote_rows=vote_rows, head_theta=head_theta, **geometry)
-    choice = {"path": "sparse", "reason": "requested"}
-    if path == "auto":
-        choice = dispatch.choose_path_from_selection(q, selection, cfg)
+        sm_scale=geometry.get("sm_scale"), return_fraction=True)
+    if choice["path"] == "probe":  # the probe's own density estimate, before identify runs
+        choice = dispatch.choose_path_from_fraction(q.shape[2], fraction, cfg)
         if choice["path"] == "dense":
-            dispatch.warn_dense_once(choice)
-            out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
-            return (out, {**choice, "sparsity": 0.0, "head_theta": head_theta}) if return_stats else out
+            return _auto_dense(q, k, v, choice, geometry.get("sm_scale"), return_stats,
+                               head_theta=head_theta)
+    selection = identify(q, k, anchors, vote_rows=vote_rows, head_theta=head_theta, **geometry)
     out, lse = sparse_attention(q, k, v, selection, **geometry)
     if not return_stats:
         return out
     return out, {**choice, "selection": selection, "lse": lse, "anchor": anchors,
                  "head_theta": head_theta, "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}
+
+
+def _auto_dense(q, k, v, choice, sm_scale, return_stats, **stats):
+    """The dense path that ``path="auto"`` chose: warned once, stats say why."""
+    dispatch.warn_dense_once(choice)
+    out = dispatch.dense_prefill(q, k, v, sm_scale)
+    return (out, {**choice, "sparsity": 0.0, **stats}) if return_stats else out
 
 
 _SKELETON_KEYS = ("rope_base", "rotary_dim", "eps", "sparsity", "granularity", "samples", "ridge",

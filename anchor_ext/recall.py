@@ -49,6 +49,18 @@ def _grid_on(device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def _probe_groups(n: int, cfg: SparseConfig, probe_groups: int) -> tuple[int, ...]:
+    """The probe's groups (see :func:`probe_plan`) as Python ints."""
+    candidates = [g for g in range(num_groups(n, cfg)) if middle_range(g, cfg)[1] > middle_range(g, cfg)[0]]
+    if not candidates:
+        return ()
+    count = min(probe_groups, len(candidates))
+    if count == 1:
+        return (candidates[-1],)
+    return tuple(sorted({candidates[round(i * (len(candidates) - 1) / (count - 1))] for i in range(count)}))
+
+
+@functools.lru_cache(maxsize=64)
 def probe_plan(n: int, cfg: SparseConfig, probe_groups: int, probe_rows: int, device):
     """The probe's groups and rows: ``(groups (P,), rows (P, R))`` long tensors on ``device``.
     Cached, so a CUDA graph capture after a warm-up call copies nothing to the device.
@@ -58,14 +70,10 @@ def probe_plan(n: int, cfg: SparseConfig, probe_groups: int, probe_rows: int, de
     over the group's rows (clipped to ``n``). Empty tensors when no group has a middle
     region.
     """
-    total = num_groups(n, cfg)
-    candidates = [g for g in range(total) if middle_range(g, cfg)[1] > middle_range(g, cfg)[0]]
-    if not candidates:
+    picked = _probe_groups(n, cfg, probe_groups)
+    if not picked:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.view(0, probe_rows)
-    count = min(probe_groups, len(candidates))
-    picked = sorted({candidates[round(i * (len(candidates) - 1) / max(1, count - 1))]
-                     for i in range(count)}) if count > 1 else [candidates[-1]]
     rows = []
     for g in picked:
         start = cfg.group_start(g)
@@ -78,10 +86,15 @@ def probe_plan(n: int, cfg: SparseConfig, probe_groups: int, probe_rows: int, de
 
 @torch.no_grad()
 def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_rows: int,
-                    probe_groups: int = 8, probe_rows: int = 8, sm_scale=None) -> torch.Tensor:
+                    probe_groups: int = 8, probe_rows: int = 8, sm_scale=None,
+                    return_fraction: bool = False):
     """Per-head thresholds whose probe rows reach mean ``recall``: fp32 ``(B, Hq)`` on
     ``q``'s device, ``+inf`` for heads that need every middle key (see the module
     docstring). ``anchors`` are stage 1's row maxima (natural log).
+
+    With ``return_fraction=True`` also returns the share of the probe groups' middle keys
+    that those thresholds select (a 0-d fp32 tensor, NaN without a middle region): the
+    selection's density estimated before identify runs, for ``path="auto"``.
 
     Cost: per kv head, two matrix products in the input dtype (the probe rows and the
     probe groups' vote units against all keys) and a few passes over their scores; the
@@ -97,8 +110,9 @@ def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_row
     vote_rows = check_vote_rows(vote_rows, cfg.block_size)
     groups, rows = probe_plan(n, cfg, probe_groups, probe_rows, q.device)
     theta = torch.full((bsz, hq), math.inf, dtype=torch.float32, device=q.device)
-    if groups.numel() == 0:
-        return theta  # no middle region anywhere: every key is always computed
+    selected = torch.zeros((), dtype=torch.float32, device=q.device)
+    if groups.numel() == 0:  # no middle region anywhere: every key is always computed
+        return (theta, selected * math.nan) if return_fraction else theta
     num_probe, per_group = rows.shape
     grid = _grid_on(q.device)
     edges = grid.numel()
@@ -129,4 +143,10 @@ def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_row
             reached = curve.mean(1) >= recall - 1e-6                                 # (per_kv, E)
             first = torch.argmax(reached.int(), dim=-1)
             theta[b, heads] = torch.where(reached.any(-1), grid[first], math.inf)
-    return theta
+            if return_fraction:
+                kept = (gaps < theta[b, heads][:, None, None]) & middle
+                selected = selected + kept.sum(dtype=torch.float32)
+    if not return_fraction:
+        return theta
+    middle_keys = sum(end - start for start, end in (middle_range(g, cfg) for g in _probe_groups(n, cfg, probe_groups)))
+    return theta, selected / (middle_keys * bsz * hq)  # no host read: the count is Python's

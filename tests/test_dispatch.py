@@ -120,3 +120,21 @@ def test_probe_prefix_always_has_a_middle_region(step):
             assert ref.region_pair_counts(p, cfg)[1] > 0
     empty = torch.zeros(1, 2, 1, ref.selection_words(100), dtype=torch.int32)
     assert torch.isnan(dispatch.selected_fraction(empty, 100, SparseConfig()))
+
+
+def test_recall_mode_rule_charges_its_own_selection_cost():
+    """The recall mode's stages 1-2 cost more than the fixed-theta ones (probe, step 1):
+    at 32k even an empty selection does not pay; at 128k a sparse estimate runs sparse and
+    a diffuse one dense; without a host read the bound decides."""
+    from anchor_ext import dispatch
+
+    cfg = ref.SparseConfig(128, 1, 1, 1)
+    assert dispatch.decide(32768, cfg, stage12_tokens=dispatch.RECALL_STAGE12_TOKENS)["path"] == "dense"
+    assert dispatch.decide(131072, cfg, stage12_tokens=dispatch.RECALL_STAGE12_TOKENS)["path"] == "probe"
+    fraction = torch.tensor(0.05)
+    assert dispatch.choose_path_from_fraction(131072, fraction, cfg)["path"] == "sparse"
+    assert dispatch.choose_path_from_fraction(131072, torch.tensor(0.9), cfg)["path"] == "dense"
+    assert dispatch.choose_path_from_fraction(131072, torch.tensor(float("nan")), cfg)["path"] == "sparse"
+    q = torch.zeros(1, 1, 131072, 8)  # CPU: the length rule
+    assert dispatch.recall_bound(q, cfg)["path"] == "sparse"
+    assert dispatch.recall_bound(q[:, :, :4096], cfg)["path"] == "dense"

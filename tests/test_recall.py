@@ -225,3 +225,31 @@ def test_recall_mode_is_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+
+
+def test_estimated_fraction_is_the_selected_share_of_the_probe_groups_middle_keys():
+    q, k, _, _ = families.make("mixed", 2048, q_heads=4, kv_heads=2, head_dim=64, seed=2)
+    q, k = q.float(), k.float()
+    cfg = SparseConfig(64, 1, 1, 1)
+    anchors = ref.anchor(q, k, block_size=64, step=1)
+    theta, fraction = recall_mode.calibrate_theta(q, k, anchors, recall=0.9, cfg=cfg, vote_rows=16,
+                                                  probe_groups=5, return_fraction=True)
+    groups, _ = recall_mode.probe_plan(2048, cfg, 5, 8, q.device)
+    selection = ref.identify(q, k, anchors, head_theta=theta, vote_rows=16, block_size=64, step=1)
+    bits = ref.unpack_bits(selection, 2048)[:, :, groups]                  # (B, Hq, P, N)
+    middle = sum(ref.middle_range(int(g), cfg)[1] - ref.middle_range(int(g), cfg)[0] for g in groups)
+    expected = bits.sum().item() / (middle * 4)
+    assert 0 < expected < 1
+    assert abs(float(fraction) - expected) < 1e-6, (float(fraction), expected)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")
+def test_cuda_auto_recall_mode_goes_dense_where_its_selection_cannot_pay():
+    from anchor_ext import dispatch
+
+    q, k, v = make_inputs(1, 2, 1, 20000, 64, torch.bfloat16, device="cuda", seed=4)
+    with pytest.warns(dispatch.DensePathWarning):
+        dispatch._warned.clear()
+        out, stats = anchor_ext.prefill(q, k, v, recall=0.95, return_stats=True)
+    assert stats["path"] == "dense" and stats["reason"] == "input too short for sparse to win"
+    torch.testing.assert_close(out, anchor_ext.prefill(q, k, v, path="dense"), rtol=0, atol=0)
