@@ -42,10 +42,6 @@ NOISE = 0.1                  # per-entry noise on q and k (in units of a unit ve
 LOCAL_ROPE_BASE = 10000.0    # RoPE base of the locality half: decays over ~100s of tokens
 
 
-def _uniform(gen, lo, hi, size):
-    return lo + (hi - lo) * torch.rand(size, generator=gen, dtype=torch.float64)
-
-
 def _token_stream(n: int, gen: torch.Generator) -> torch.Tensor:
     """Token ids with copied spans: after a random warm-up, spans of the stream so far
     are repeated (an induction head then finds the next token of the earlier copy)."""
@@ -116,12 +112,12 @@ def retrieval(n: int, *, batch: int = 1, q_heads: int = 32, kv_heads: int = 8, h
             k[b, kv] = torch.cat([content, key_local], -1) + NOISE * torch.randn(
                 n, head_dim, generator=gen) / math.sqrt(head_dim)
             for h in range(kv * group, (kv + 1) * group):
-                sink = float(_uniform(gen, *SINK_LOGIT, ()))
-                loc = float(_uniform(gen, *LOCAL_LOGIT, ()))
+                sink = float(synthetic._uniform(gen, *SINK_LOGIT, ()))
+                loc = float(synthetic._uniform(gen, *LOCAL_LOGIT, ()))
                 induction = float(torch.rand(1, generator=gen)) < INDUCTION_SHARE
                 qc = sink * sink_dir.expand(n, half).clone()
                 if induction:
-                    match = float(_uniform(gen, *MATCH_LOGIT, ()))
+                    match = float(synthetic._uniform(gen, *MATCH_LOGIT, ()))
                     has = target >= 0
                     qc[has] += match * vocab[target[has]]
                 q_local = synthetic.apply_rope((loc * local).expand(n, half), cos, sin)

@@ -67,15 +67,17 @@ def _dense_blocks(q, k, selection, cfg: SparseConfig, sm_scale, block_starts):
 
 
 @torch.no_grad()
-def mass_recall(q, k, selection, cfg: SparseConfig, *, sm_scale=None, block_stride=1):
+def mass_recall(q, k, selection, cfg: SparseConfig, *, sm_scale=None, block_stride=1, starts=None):
     """Per-row dense softmax mass on the computed keys, fp32 ``(B, Hq, N)``.
 
     With ``block_stride > 1`` only every ``block_stride``-th query block is
-    evaluated (others are NaN); :func:`recall_summary` ignores NaN rows.
+    evaluated, with ``starts`` only the blocks starting at those rows (others are NaN);
+    :func:`recall_summary` ignores NaN rows.
     """
     n = q.shape[2]
     recall = torch.full(q.shape[:3], math.nan, dtype=torch.float32, device=q.device)
-    starts = range(0, n, cfg.block_size * block_stride)
+    if starts is None:
+        starts = range(0, n, cfg.block_size * block_stride)
     for b, h, r0, r1, probs, keep in _dense_blocks(q, k, selection, cfg, sm_scale, starts):
         recall[b, h, r0:r1] = (probs * keep).sum(-1)
     return recall

@@ -68,6 +68,12 @@ def sparse_attention(q, k, v, selection, *, block_size=128, step=16, init_blocks
                                              local_blocks=local_blocks, sm_scale=sm_scale)
 
 
+def _config(options: dict, *, step: int) -> SparseConfig:
+    """The geometry of ``options`` (SPEC §2 defaults; ``step`` is the method's default)."""
+    return SparseConfig(options.get("block_size", 128), options.get("step", step),
+                        options.get("init_blocks", 1), options.get("local_blocks", 1))
+
+
 # The recall mode's geometry defaults (bench/accuracy.py measures the alternatives).
 RECALL_DEFAULTS = {"step": 1, "vote_rows": 16}
 _RECALL_KEYS = ("vote_rows", "probe_groups", "probe_rows")
@@ -133,8 +139,7 @@ def prefill(q, k, v, *, method="anchor", path="auto", return_stats=False, theta=
     if unknown:
         raise TypeError(f"prefill() got unexpected options {sorted(unknown)}; "
                         f"expected a subset of {list(_GEOMETRY_KEYS)}")
-    cfg = SparseConfig(*(options.get(key, default) for key, default in
-                         (("block_size", 128), ("step", 16), ("init_blocks", 1), ("local_blocks", 1))))
+    cfg = _config(options, step=16)
     choice = {"path": path, "reason": "requested"}
     checks = (not torch.compiler.is_compiling()) and path != "sparse"
 
@@ -179,17 +184,21 @@ def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
     if unknown:
         raise TypeError(f"prefill(recall=...) got unexpected options {sorted(unknown)}; "
                         f"expected a subset of {list(_GEOMETRY_KEYS + _RECALL_KEYS)}")
-    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
-        raise ValueError(f"recall: expected a number in (0, 1], got {recall!r}")
+    recall = recall_mode.check_recall(recall)
     geometry = {key: options[key] for key in _GEOMETRY_KEYS if key in options}
     geometry.setdefault("step", RECALL_DEFAULTS["step"])
-    vote_rows = options.get("vote_rows", RECALL_DEFAULTS["vote_rows"])
-    cfg = SparseConfig(*(geometry.get(key, default) for key, default in
-                         (("block_size", 128), ("step", 1), ("init_blocks", 1), ("local_blocks", 1))))
-    vote_rows = min(vote_rows, cfg.block_size) if isinstance(vote_rows, int) else vote_rows
-    if not torch.compiler.is_compiling():  # the op checks (NaN/Inf scan included) before any work
-        _C.check_prefill_args(q, k, v, float(theta), cfg.block_size, cfg.step, cfg.init_blocks,
-                              cfg.local_blocks, geometry.get("sm_scale"))
+    cfg = _config(geometry, step=RECALL_DEFAULTS["step"])
+    # The default unit fits small CPU blocks too; a vote_rows the user gives is checked as given.
+    vote_rows = options.get("vote_rows", min(RECALL_DEFAULTS["vote_rows"], cfg.block_size))
+    def check_args(scan_finite):
+        # The op checks before any work. The NaN/Inf scan only where dense runs: on the
+        # sparse path the stage ops scan their inputs themselves (q, k in anchor; v in
+        # sparse_attention), as with the fixed threshold.
+        if not torch.compiler.is_compiling():
+            _C.check_prefill_args(q, k, v, float(theta), cfg.block_size, cfg.step, cfg.init_blocks,
+                                  cfg.local_blocks, geometry.get("sm_scale"), scan_finite=scan_finite)
+
+    check_args(scan_finite=path == "dense")
     if path == "dense":
         out = dispatch.dense_prefill(q, k, v, geometry.get("sm_scale"))
         return (out, {"path": "dense", "reason": "requested", "sparsity": 0.0}) if return_stats else out
@@ -197,15 +206,17 @@ def _prefill_recall(q, k, v, *, recall, path, return_stats, theta, **options):
     if path == "auto":  # before any work: the CPU length rule, or CUDA's bound
         choice = dispatch.recall_bound(q, cfg)
         if choice["path"] == "dense":
+            check_args(scan_finite=True)
             return _auto_dense(q, k, v, choice, geometry.get("sm_scale"), return_stats)
     anchors = anchor(q, k, **geometry)
     head_theta, fraction = recall_mode.calibrate_theta(
-        q, k, anchors, recall=float(recall), cfg=cfg, vote_rows=vote_rows,
+        q, k, anchors, recall=recall, cfg=cfg, vote_rows=vote_rows,
         probe_groups=options.get("probe_groups", 8), probe_rows=options.get("probe_rows", 8),
         sm_scale=geometry.get("sm_scale"), return_fraction=True)
     if choice["path"] == "probe":  # the probe's own density estimate, before identify runs
         choice = dispatch.choose_path_from_fraction(q.shape[2], fraction, cfg)
         if choice["path"] == "dense":
+            check_args(scan_finite=True)  # v has not been scanned yet
             return _auto_dense(q, k, v, choice, geometry.get("sm_scale"), return_stats,
                                head_theta=head_theta)
     selection = identify(q, k, anchors, vote_rows=vote_rows, head_theta=head_theta, **geometry)
@@ -256,8 +267,7 @@ def _prefill_skeleton(q, k, v, *, method, path, return_stats, theta, **options):
     out, lse = sparse_attention(q, k, v, selection, **geometry)
     if not return_stats:
         return out
-    cfg = SparseConfig(*(geometry.get(key, default) for key, default in
-                         (("block_size", 128), ("step", 1), ("init_blocks", 1), ("local_blocks", 1))))
+    cfg = _config(geometry, step=1)
     return out, {"path": "sparse", "reason": "requested" if path == "sparse" else
                  f"method={method!r} always runs sparse", "selection": selection, "lse": lse,
                  "sparsity": sparsity(selection, q.shape[2], cfg)["overall"]}

@@ -34,13 +34,21 @@ import math
 
 import torch
 
-from .reference import SparseConfig, check_vote_rows, middle_range, num_groups, unit_means
+from .reference import (SparseConfig, check_vote_rows, middle_mask, middle_range, num_groups,
+                        unit_means)
 
-__all__ = ["THETA_GRID", "probe_plan", "calibrate_theta"]
+__all__ = ["THETA_GRID", "check_recall", "probe_plan", "calibrate_theta"]
 
 # Candidate thresholds (natural-log units). Gaps below the first edge are kept at any
 # threshold; a head needing keys whose gap is above the last edge goes dense (+inf).
 THETA_GRID = torch.arange(-8.0, 40.0 + 1e-6, 0.25)
+
+
+def check_recall(recall) -> float:
+    """``recall`` as a float in (0, 1], or ``ValueError``."""
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall: expected a number in (0, 1], got {recall!r}")
+    return float(recall)
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,8 +109,7 @@ def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_row
     histogram is taken per probe group (its rows share the group's gaps, so their
     probabilities are averaged first).
     """
-    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
-        raise ValueError(f"recall: expected a number in (0, 1], got {recall!r}")
+    recall = check_recall(recall)
     bsz, hq, n, d = q.shape
     hkv = k.shape[1]
     per_kv = hq // hkv
@@ -116,10 +123,8 @@ def calibrate_theta(q, k, anchors, *, recall: float, cfg: SparseConfig, vote_row
     num_probe, per_group = rows.shape
     grid = _grid_on(q.device)
     edges = grid.numel()
-    keys = torch.arange(n, device=q.device)
-    causal = keys[None, :] <= rows.flatten()[:, None]                              # (P*R, N)
-    middle_end = groups * cfg.group_rows - cfg.local_blocks * cfg.block_size
-    middle = (keys[None, :] >= cfg.sink_end) & (keys[None, :] < middle_end[:, None])  # (P, N)
+    causal = torch.arange(n, device=q.device)[None, :] <= rows.flatten()[:, None]  # (P*R, N)
+    middle = middle_mask(groups, n, cfg)                                           # (P, N)
     q_mean, a_mean = unit_means(q, anchors, cfg, vote_rows, groups)               # (B, Hq, P, U, D)
     units = q_mean.shape[3]
     for b in range(bsz):

@@ -45,6 +45,7 @@ __all__ = [
     "dense_attention",
     "anchor",
     "check_vote_rows",
+    "middle_mask",
     "unit_means",
     "unit_gaps",
     "identify",
@@ -236,6 +237,13 @@ def check_vote_rows(vote_rows, block_size: int) -> int:
     return vote_rows
 
 
+def middle_mask(groups: torch.Tensor, n_keys: int, cfg: SparseConfig) -> torch.Tensor:
+    """Boolean ``(len(groups), n_keys)``: key ``j`` lies in the group's middle region."""
+    keys = torch.arange(n_keys, device=groups.device)
+    middle_end = groups * cfg.group_rows - cfg.local_blocks * cfg.block_size
+    return (keys[None, :] >= cfg.sink_end) & (keys[None, :] < middle_end[:, None])
+
+
 def unit_means(q: torch.Tensor, anchors: torch.Tensor, cfg: SparseConfig, vote_rows: int,
                groups: torch.Tensor):
     """Mean query and mean anchor of every vote unit (``vote_rows`` consecutive rows) of
@@ -277,9 +285,7 @@ def unit_gaps(q, k, anchor_scores, cfg: SparseConfig, *, vote_rows=None, groups=
     q_mean, a_mean = unit_means(q, anchor_scores, cfg, vote_rows, groups)
     if vote_rows < cfg.block_size:  # sub-block units: the mean rounded to the input dtype
         q_mean = q_mean.to(q.dtype).float()
-    keys = torch.arange(n, device=q.device)
-    middle_end = groups * cfg.group_rows - cfg.local_blocks * cfg.block_size
-    in_middle = (keys[None, :] >= cfg.sink_end) & (keys[None, :] < middle_end[:, None])
+    in_middle = middle_mask(groups, n, cfg)
     gaps = torch.empty(bsz, hq, len(groups), n, dtype=torch.float32, device=q.device)
     for b in range(bsz):
         for h in range(hq):

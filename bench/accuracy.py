@@ -22,14 +22,13 @@ frontier plot per family (density against mean recall beside the oracle curves).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 
 import anchor_ext
 from anchor_ext import families, metrics
-from anchor_ext.reference import SparseConfig, computed_mask
+from anchor_ext.reference import SparseConfig
 from bench.prefill import cuda_time_ms, run_header, write_json
 
 TARGETS = (0.90, 0.95, 0.99)
@@ -56,30 +55,20 @@ def eval_blocks(n: int, block_size: int, count: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def quality(q, k, selection, cfg: SparseConfig, sm_scale, starts) -> dict:
-    """Row recall on the blocks starting at ``starts`` and on the first rows of their groups."""
-    bsz, hq, n, d = q.shape
-    group = hq // k.shape[1]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    """Row recall on the blocks starting at ``starts`` and on the first 8 rows of their groups."""
+    n = q.shape[2]
+
+    def rows_of(first_rows, count):
+        return torch.cat([torch.arange(r0, min(n, r0 + count)) for r0 in first_rows]).to(q.device)
+
     group_starts = sorted({(r0 // cfg.group_rows) * cfg.group_rows for r0 in starts})
-    per_head, first_rows = [], []
-    for b in range(bsz):
-        for h in range(hq):
-            kh = k[b, h // group].float()
-            recalls = []
-            for r0, is_first in [(r, False) for r in starts] + [(r, True) for r in group_starts]:
-                r1 = min(n, r0 + (8 if is_first else cfg.block_size))
-                rows = torch.arange(r0, r1, device=q.device)
-                scores = (q[b, h, r0:r1].float() @ kh[:r1].T) * scale
-                causal = torch.arange(r1, device=q.device)[None, :] <= rows[:, None]
-                probs = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
-                keep = computed_mask(rows, r1, selection[b, h, r0 // cfg.group_rows], cfg)
-                recall = (probs * keep).sum(-1)
-                (first_rows if is_first else recalls).append(recall)
-            per_head.append(torch.cat(recalls))
-    rows = torch.stack(per_head).double().cpu()
+    recall = metrics.mass_recall(q, k, selection, cfg, sm_scale=sm_scale, starts=starts)
+    rows = recall[:, :, rows_of(starts, cfg.block_size)].flatten(0, 1).double().cpu()  # (B*Hq, rows)
+    first = metrics.mass_recall(q, k, selection, cfg, sm_scale=sm_scale, starts=group_starts)
+    first_rows = first[:, :, rows_of(group_starts, 8)]
     head_means = rows.mean(1)
     return {"recall_mean": float(rows.mean()), "recall_p01": float(torch.quantile(rows.flatten(), 0.01)),
-            "first_rows_min": float(torch.cat(first_rows).min()),
+            "first_rows_min": float(first_rows.min()),
             "head_mean_min": float(head_means.min()), "head_means": head_means.tolist()}
 
 

@@ -196,6 +196,8 @@ def test_recall_options_are_checked():
     q, k, v = make_inputs(1, 2, 1, 300, 64)
     with pytest.raises(TypeError, match="unexpected options"):
         anchor_ext.prefill(q, k, v, recall=0.9, eps=0.1)
+    with pytest.raises(ValueError, match="vote_rows: expected a positive divisor of block_size=128, got 256"):
+        anchor_ext.prefill(q, k, v, recall=0.9, vote_rows=256, path="sparse")  # not clamped
     with pytest.raises(ValueError, match="recall: supported with method='anchor' only"):
         anchor_ext.prefill(q, k, v, recall=0.9, method="skeleton", rope_base=1e4)
 
